@@ -1,0 +1,343 @@
+"""The request engine: one bounded FIFO queue, one worker, exactly one final chunk per request.
+
+Requests from every source (topic, action, CLI, tests) go through :meth:`Engine.submit`. Each request
+gets a stream of :class:`~slm_ros.core.types.Chunk` objects delivered to its ``sink`` callback, seq
+0, 1, 2, ... and exactly one final chunk - on success, on a bad request, when the queue is full, when
+cancelled, when the backend fails and when the engine stops. The engine never raises into its callers
+for a bad request and its worker never dies on a failed one.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import threading
+import time
+import uuid
+from typing import Callable, Deque, Dict, List, Optional
+
+from slm_ros.backends.base import Backend
+from slm_ros.core.errors import ConfigError, RequestError, SlmError
+from slm_ros.core.session import SessionStore, Turn, fit_prompt
+from slm_ros.core.streaming import IncrementalDetokenizer, StopStringFilter
+from slm_ros.core.types import Chunk, FinishReason, Request, SamplingParams, Stats
+
+Sink = Callable[[Chunk], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Node-level settings of the engine, validated at construction."""
+
+    defaults: SamplingParams = dataclasses.field(default_factory=SamplingParams)
+    system_prompt: str = ""
+    max_queue: int = 16            # requests waiting behind the running one
+    max_history_turns: int = 8     # per session
+    max_context_tokens: int = 0    # 0 = the model's context length
+
+    def __post_init__(self) -> None:
+        if self.max_queue < 0:
+            raise ConfigError(f"max_queue must be >= 0, got {self.max_queue}")
+        if self.max_history_turns < 0:
+            raise ConfigError(f"max_history_turns must be >= 0, got {self.max_history_turns}")
+        if self.max_context_tokens < 0:
+            raise ConfigError(f"max_context_tokens must be >= 0, got {self.max_context_tokens}")
+
+
+@dataclasses.dataclass
+class EngineCounters:
+    """Running totals for diagnostics."""
+
+    accepted: int = 0
+    rejected: int = 0      # refused before queueing (bad request, duplicate id, queue full)
+    succeeded: int = 0     # finish reason stop or length
+    cancelled: int = 0
+    failed: int = 0        # finish reason error after being queued
+    last_ttft_ms: float = 0.0
+    last_tokens_per_second: float = 0.0
+
+
+class _Job:
+    """A request inside the engine, with its stream position and cancel flag."""
+
+    def __init__(self, request: Request, sink: Sink, logger) -> None:
+        self.request = request
+        self.sink = sink
+        self.params: Optional[SamplingParams] = None
+        self.cancel = threading.Event()
+        self.abort_reason = ""       # set when the engine (not the user) stops the request
+        self.t_accept = time.monotonic()
+        self._seq = 0
+        self._final_sent = False
+        self._logger = logger
+
+    def emit(self, text: str = "", token_ids=(), **final) -> None:
+        """Deliver one chunk; a chunk with ``finish_reason`` is the final one (sent once only)."""
+        if self._final_sent:
+            return
+        is_final = "finish_reason" in final
+        chunk = Chunk(self.request.request_id, self.request.session, self._seq, text,
+                      tuple(token_ids), is_final, **final)
+        self._seq += 1
+        self._final_sent = is_final
+        try:
+            self.sink(chunk)
+        except Exception as exc:  # noqa: BLE001 - a broken consumer must not stop the worker
+            self._logger.error(f"request {self.request.request_id}: delivering chunk {chunk.seq} "
+                               f"failed: {type(exc).__name__}: {exc}")
+
+    def fail(self, message: str, stats: Optional[Stats] = None) -> None:
+        self.emit(finish_reason=FinishReason.ERROR, error=message, stats=stats or Stats())
+
+
+class Engine:
+    """Serialises generation on one backend; see the module docstring for the guarantees."""
+
+    def __init__(self, backend: Backend, config: EngineConfig, logger=None) -> None:
+        self._backend = backend
+        self._config = config
+        self._log = logger or logging.getLogger("slm_ros.engine")
+        self._sessions = SessionStore(max_turns=config.max_history_turns)
+        self._queue: Deque[_Job] = collections.deque()
+        self._active: Optional[_Job] = None
+        self._lock = threading.Condition()
+        self._running = False
+        self._thread: Optional[threading.Thread] = None
+        self.counters = EngineCounters()
+        ctx = backend.context_length
+        self._context = min(ctx, config.max_context_tokens) if config.max_context_tokens else ctx
+
+    @property
+    def context_tokens(self) -> int:
+        """Tokens available per request (prompt + answer)."""
+        return self._context
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting (not counting the one being generated)."""
+        with self._lock:
+            return len(self._queue)
+
+    @property
+    def busy(self) -> bool:
+        with self._lock:
+            return self._active is not None
+
+    def start(self) -> None:
+        """Start the worker thread."""
+        with self._lock:
+            if self._running:
+                return
+            self._running = True
+        self._thread = threading.Thread(target=self._work, name="slm-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, reason: str = "the node is shutting down") -> None:
+        """Stop the worker; queued and running requests get a final error chunk naming ``reason``."""
+        with self._lock:
+            self._running = False
+            dropped = list(self._queue)
+            self._queue.clear()
+            if self._active is not None:
+                self._active.abort_reason = reason
+                self._active.cancel.set()
+            self._lock.notify_all()
+        for job in dropped:
+            job.fail(f"request dropped: {reason}")
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def submit(self, request: Request, sink: Sink) -> str:
+        """Queue ``request``; its chunks go to ``sink``. Returns the request id (assigned if empty).
+
+        Problems found now (empty prompt, invalid sampling, duplicate id, full queue, engine stopped)
+        are answered at once with a final error chunk, from the caller's thread.
+        """
+        if not request.request_id:
+            request = dataclasses.replace(request, request_id=uuid.uuid4().hex)
+        job = _Job(request, sink, self._log)
+        error = self._validate(job)
+        if not error:
+            with self._lock:
+                error = self._admit(job)
+        if error:
+            self._refuse(job, error)
+        return request.request_id
+
+    def reject(self, error: str, sink: Sink, request_id: str = "", session_id: str = "") -> str:
+        """Answer a request that could not even be built (e.g. invalid sampling fields) with its
+        final error chunk, counted like any refused request. Returns the request id used."""
+        request = Request(prompt="", request_id=request_id or uuid.uuid4().hex,
+                          session_id=session_id)
+        self._refuse(_Job(request, sink, self._log), error)
+        return request.request_id
+
+    def _refuse(self, job: _Job, error: str) -> None:
+        self.counters.rejected += 1
+        self._log.warning(f"request {job.request.request_id} rejected: {error}")
+        job.fail(error)
+
+    def cancel(self, request_id: str) -> bool:
+        """Cancel a queued or running request. Returns False if no such request is pending."""
+        with self._lock:
+            if self._active is not None and self._active.request.request_id == request_id:
+                self._active.cancel.set()
+                return True
+            for job in self._queue:
+                if job.request.request_id == request_id:
+                    self._queue.remove(job)
+                    break
+            else:
+                return False
+        self.counters.cancelled += 1
+        job.emit(finish_reason=FinishReason.CANCELLED, stats=self._stats(job, 0, 0))
+        return True
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _validate(self, job: _Job) -> str:
+        request = job.request
+        if not isinstance(request.prompt, str) or not request.prompt.strip():
+            return "empty prompt: the request has no text to answer"
+        try:
+            job.params = request.sampling.resolve(self._config.defaults)
+        except SlmError as exc:
+            return f"invalid sampling: {exc}"
+        return ""
+
+    def _admit(self, job: _Job) -> str:
+        """Queue the job (lock held) or say why not."""
+        if not self._running:
+            return "the engine is not running (node not active)"
+        rid = job.request.request_id
+        pending = ([self._active] if self._active else []) + list(self._queue)
+        if any(j.request.request_id == rid for j in pending):
+            return f"duplicate request_id {rid!r}: a request with this id is still queued or running"
+        if len(self._queue) >= self._config.max_queue and (self._active or self._queue):
+            return (f"queue full: {len(self._queue)} requests waiting (max_queue="
+                    f"{self._config.max_queue}); retry later")
+        self._queue.append(job)
+        self.counters.accepted += 1
+        self._lock.notify()
+        return ""
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                while self._running and not self._queue:
+                    self._lock.wait()
+                if not self._running:
+                    return
+                job = self._active = self._queue.popleft()
+            try:
+                self._run(job)
+            except Exception as exc:  # noqa: BLE001 - the worker must survive any request
+                self._log.error(f"request {job.request.request_id} failed: {type(exc).__name__}: {exc}")
+                self.counters.failed += 1
+                job.fail(f"generation failed: {type(exc).__name__}: {exc}")
+            finally:
+                with self._lock:
+                    self._active = None
+
+    def _run(self, job: _Job) -> None:
+        request, params, backend = job.request, job.params, self._backend
+        t_start = time.monotonic()
+        if request.reset_session:
+            self._sessions.reset(request.session)
+        try:
+            prompt_ids, _, budget = fit_prompt(
+                backend.apply_chat_template,
+                request.system_prompt or self._config.system_prompt,
+                self._sessions.history(request.session),
+                request.prompt, self._context, params.max_new_tokens)
+        except RequestError as exc:
+            self.counters.failed += 1
+            self._log.warning(f"request {request.request_id} refused: {exc}")
+            job.fail(str(exc), self._stats(job, 0, 0, t_start=t_start))
+            return
+        if job.cancel.is_set():
+            self._finish_cancelled(job, len(prompt_ids), 0, "", t_start)
+            return
+
+        detok = IncrementalDetokenizer(backend.decode)
+        stops = StopStringFilter(params.stop)
+        eos = backend.eos_token_ids
+        pieces: List[str] = []
+        pending: List[int] = []
+        n = 0
+        t_first = t_last = 0.0
+        finish = None
+        for token in backend.generate(prompt_ids, dataclasses.replace(params, max_new_tokens=budget),
+                                      job.cancel):
+            t_last = time.monotonic()
+            if n == 0:
+                t_first = t_last
+            n += 1
+            pending.append(token)
+            if token in eos:
+                finish = FinishReason.STOP
+                break
+            text = stops.feed(detok.push(token))
+            if text:
+                pieces.append(text)
+                job.emit(text, pending)
+                pending = []
+            if stops.stopped:
+                finish = FinishReason.STOP
+                break
+            if job.cancel.is_set():
+                break
+        if finish is None:
+            if job.cancel.is_set():
+                finish = FinishReason.CANCELLED
+            elif n >= budget:
+                finish = FinishReason.LENGTH
+            else:
+                finish = FinishReason.STOP
+        tail = ""
+        if not stops.stopped:
+            tail = stops.feed(detok.flush()) + stops.flush()
+            if tail:
+                pieces.append(tail)
+        stats = self._stats(job, len(prompt_ids), n, t_start, t_first, t_last)
+        if finish is FinishReason.CANCELLED:
+            self._finish_cancelled(job, len(prompt_ids), n, tail, t_start, stats, pending)
+            return
+        self._sessions.append(request.session, Turn(request.prompt, "".join(pieces)))
+        self.counters.succeeded += 1
+        self.counters.last_ttft_ms = stats.time_to_first_token_ms
+        self.counters.last_tokens_per_second = stats.tokens_per_second
+        job.emit(tail, pending, finish_reason=finish, stats=stats)
+
+    def _finish_cancelled(self, job, prompt_tokens, n, tail, t_start, stats=None, pending=()):
+        if job.abort_reason:
+            self.counters.failed += 1
+            job.emit(tail, pending, finish_reason=FinishReason.ERROR,
+                     error=f"request stopped: {job.abort_reason}",
+                     stats=stats or self._stats(job, prompt_tokens, n, t_start))
+            return
+        self.counters.cancelled += 1
+        job.emit(tail, pending, finish_reason=FinishReason.CANCELLED,
+                 stats=stats or self._stats(job, prompt_tokens, n, t_start))
+
+    @staticmethod
+    def _stats(job: _Job, prompt_tokens: int, n: int, t_start: Optional[float] = None,
+               t_first: float = 0.0, t_last: float = 0.0) -> Stats:
+        now = time.monotonic()
+        t_start = now if t_start is None else t_start
+        decode_s = t_last - t_first
+        return Stats(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=n,
+            time_to_first_token_ms=(t_first - job.t_accept) * 1e3 if n else 0.0,
+            tokens_per_second=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
+            total_ms=(now - job.t_accept) * 1e3,
+            queue_ms=(t_start - job.t_accept) * 1e3,
+        )
+
+
+def describe_counters(counters: EngineCounters) -> Dict[str, float]:
+    """Counters as a flat dict (for logs and diagnostics)."""
+    return dataclasses.asdict(counters)

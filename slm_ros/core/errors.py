@@ -1,0 +1,25 @@
+"""Error types raised by the slm_ros core.
+
+Every error a user can meet is an :class:`SlmError` whose message names the problem (which field,
+which file, which model). Third-party exceptions are wrapped with that context.
+"""
+
+
+class SlmError(Exception):
+    """Base class of every slm_ros error."""
+
+
+class ConfigError(SlmError):
+    """A node or backend setting is invalid (bad value, unknown backend, missing model path)."""
+
+
+class RequestError(SlmError):
+    """A generation request is invalid; the request gets a final error chunk with this message."""
+
+
+class ModelLoadError(SlmError):
+    """A model checkpoint could not be found, prepared or loaded."""
+
+
+class BackendUnavailable(SlmError):
+    """A backend cannot run on this machine (missing package, no GPU); the message says why."""

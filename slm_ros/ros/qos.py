@@ -1,0 +1,18 @@
+"""QoS profiles, named by what the topic carries. Every publisher/subscription uses one of these."""
+
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+
+#: Requests and commands into a node (prompt, request, cancel): reliable, so none is dropped; deep
+#: enough for a burst from `ros2 topic pub` loops or many clients.
+COMMANDS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100,
+                      reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.VOLATILE)
+
+#: Streamed token chunks: reliable and deep, so a burst of chunks from fast decoding (hundreds of
+#: tokens per second on a GPU) is never dropped for a subscriber that is momentarily slow.
+TOKEN_STREAM = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1000,
+                          reliability=ReliabilityPolicy.RELIABLE,
+                          durability=DurabilityPolicy.VOLATILE)
+
+#: Whole results (one message per finished request): reliable.
+RESULTS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100,
+                     reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.VOLATILE)
