@@ -50,7 +50,8 @@ PARAMETERS = (
               "directory or a .gguf file. Read at configure; no downloads."),
     ParamSpec("device", "auto", "auto, cpu, cuda or cuda:N. auto = CUDA when available."),
     ParamSpec("dtype", "auto",
-              "auto, float32, bfloat16 or float16. auto = bfloat16 (float16 on GPUs without bf16)."),
+              "auto, float32, bfloat16 or float16. auto: GPU bfloat16 (float16 without bf16 support); CPU "
+              "bfloat16 with native bf16 instructions, else float32 (faster prefill)."),
     ParamSpec("threads", 0, "CPU threads for the backend; 0 = library default.", int_range=(0, 256)),
     ParamSpec("system_prompt", "",
               "System prompt for requests that bring none; empty = the model's chat-template default."),

@@ -1,0 +1,451 @@
+#!/usr/bin/env python3
+"""Benchmark: raw backend speed vs the same generation served through the ROS 2 LLM node.
+
+What it measures, on the embedded model (``model: default``, SmolLM2-135M-Instruct), greedy decoding,
+the same prompts and the same ``max_new_tokens`` on both paths:
+
+* **raw** - the transformers backend in this process: ``resolve_model`` -> ``create_backend`` ->
+  ``load`` -> ``warmup``, then ``backend.generate`` on the chat-templated prompt ids (built exactly as
+  the node builds them: node system prompt empty, no history). TTFT is from calling ``generate`` to the
+  first token; decode speed is ``(n - 1) / (t_last - t_first)`` over the generated tokens.
+* **ros** - the installed ``llm_node`` executable started as a separate process, and a client node in
+  this process sending goals to ``<namespace>/generate``. TTFT is from sending the goal to the first
+  feedback chunk with text, as the client sees it; decode speed counts the token ids carried by the
+  chunks after the first one over the client-side arrival times of the first and last chunk. The
+  node's own statistics (from the action result) are recorded too.
+
+Each prompt runs ``--repeats`` times per path; medians are reported per prompt, and the summary takes
+the median over prompts of ``ros_tokens_per_second / raw_tokens_per_second`` and of
+``ros_ttft_ms - raw_ttft_ms``. Goals (issue): ratio >= 0.98 and TTFT overhead <= 5 ms. The two paths
+run one after the other (the raw model is freed before the node starts), so they never compete for
+CPU cores.
+
+Run (takes a few minutes on a 2-core CPU; ``--quick`` for a smoke run)::
+
+    .venv/bin/python bench/bench_llm.py [--max-new-tokens 48] [--repeats 3] [--out FILE] [--quick]
+
+The JSON report is printed on stdout and written to ``--out`` (default
+``bench/results/bench_llm.json`` next to this script); progress and node logs go to stderr. DDS
+discovery is kept on this machine (``ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST`` unless set) and a free
+``ROS_DOMAIN_ID`` is reserved with ``domain_coordinator`` (override with ``SLM_BENCH_DOMAIN_ID``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import gc
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
+
+NAMESPACE = "/slm_bench"
+MODEL = "default"
+BACKEND = "transformers"
+REPETITION_PENALTY = 1.1
+GOAL_TPS_RATIO = 0.98
+GOAL_TTFT_OVERHEAD_MS = 5.0
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_llm.json"
+
+# Prompts of increasing length (the chat template adds a ~30-token default system prompt).
+PROMPTS = (
+    "Hi!",
+    "What is the capital of France? Answer in one sentence.",
+    "Explain in a few sentences what a robot operating system is and why robots need one. "
+    "Mention publish/subscribe messaging and how sensors, planners and motor controllers "
+    "exchange data.",
+    "You are helping a team that builds a small indoor delivery robot. The robot has a lidar, "
+    "two wheel encoders, an IMU and a depth camera. It runs ROS 2 on a small ARM computer with "
+    "four cores and eight gigabytes of memory. The team wants to add a tiny language model that "
+    "turns spoken requests such as 'bring the red box to the kitchen' into navigation goals and "
+    "object descriptions for the perception stack. They worry about latency, memory use and "
+    "what happens when the model answers something unexpected. Give them three concrete pieces "
+    "of advice about how to structure this system.",
+)
+QUICK_PROMPTS = 2
+
+
+def log(message: str) -> None:
+    """Progress line on stderr (stdout carries only the JSON report)."""
+    print(f"[bench_llm] {message}", file=sys.stderr, flush=True)
+
+
+def median(values: Sequence[float]) -> float:
+    """Median of ``values``; 0.0 for an empty sequence."""
+    return float(statistics.median(values)) if values else 0.0
+
+
+@dataclasses.dataclass
+class RunResult:
+    """One timed generation (either path)."""
+
+    ttft_ms: float
+    tokens_per_second: float
+    completion_tokens: int
+    token_ids: List[int]
+    node_stats: Optional[Dict[str, float]] = None
+
+
+def decode_rate(tokens_after_first: int, t_first: float, t_last: float) -> float:
+    """Tokens per second between the first and last arrival; 0.0 when undefined."""
+    span = t_last - t_first
+    return tokens_after_first / span if tokens_after_first > 0 and span > 0 else 0.0
+
+
+def summarise_runs(runs: Sequence[RunResult]) -> Dict[str, object]:
+    """Medians (and raw samples) of a list of runs of one prompt on one path."""
+    out: Dict[str, object] = {
+        "ttft_ms": round(median([r.ttft_ms for r in runs]), 2),
+        "tokens_per_second": round(median([r.tokens_per_second for r in runs]), 3),
+        "completion_tokens": int(median([r.completion_tokens for r in runs])),
+        "samples_ttft_ms": [round(r.ttft_ms, 2) for r in runs],
+        "samples_tokens_per_second": [round(r.tokens_per_second, 3) for r in runs],
+    }
+    node = [r.node_stats for r in runs if r.node_stats]
+    if node:
+        out["node_ttft_ms"] = round(median([s["time_to_first_token_ms"] for s in node]), 2)
+        out["node_tokens_per_second"] = round(median([s["tokens_per_second"] for s in node]), 3)
+        out["node_queue_ms"] = round(median([s["queue_ms"] for s in node]), 2)
+        out["prompt_tokens"] = int(node[0]["prompt_tokens"])
+    return out
+
+
+# -- environment -----------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def ros_domain() -> Iterator[int]:
+    """Keep DDS discovery local and reserve a ROS_DOMAIN_ID for this run (env var is set)."""
+    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    override = os.environ.get("SLM_BENCH_DOMAIN_ID", "").strip()
+    if override:
+        os.environ["ROS_DOMAIN_ID"] = override
+        yield int(override)
+        return
+    from domain_coordinator import domain_id
+    with domain_id() as reserved:
+        os.environ["ROS_DOMAIN_ID"] = str(reserved)
+        yield reserved
+
+
+def machine_info() -> Dict[str, object]:
+    """CPU, OS and library versions of this machine."""
+    import torch
+    import transformers
+    cpu_model = ""
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu_model = line.split(":", 1)[1].strip()
+                    break
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model,
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "rmw_implementation": os.environ.get("RMW_IMPLEMENTATION", "(default)"),
+        "ros_domain_id": os.environ.get("ROS_DOMAIN_ID"),
+        "ros_automatic_discovery_range": os.environ.get("ROS_AUTOMATIC_DISCOVERY_RANGE"),
+    }
+
+
+# -- raw backend -----------------------------------------------------------------------------------
+
+def bench_raw(prompts: Sequence[str], max_new_tokens: int, repeats: int) -> Dict[str, object]:
+    """Load the backend in this process and time ``repeats`` greedy generations per prompt."""
+    from slm_ros.backends.base import BackendConfig
+    from slm_ros.backends.registry import create_backend
+    from slm_ros.core.session import build_messages
+    from slm_ros.core.types import SamplingParams
+    from slm_ros.models import resolve_model
+
+    resolved = resolve_model(MODEL, progress=log)
+    backend = create_backend(BACKEND)
+    t0 = time.monotonic()
+    backend.load(BackendConfig(model=resolved.path))
+    backend.warmup()
+    log(f"raw: loaded {resolved.name} in {time.monotonic() - t0:.1f} s: {backend.describe()}")
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0,
+                            repetition_penalty=REPETITION_PENALTY)
+    try:
+        per_prompt = []
+        for prompt in prompts:
+            # The node's own way to build the prompt: empty system prompt, no history.
+            ids = backend.apply_chat_template(build_messages("", [], prompt))
+            runs = [raw_once(backend, ids, params) for _ in range(repeats)]
+            entry = {"prompt_tokens": len(ids), **summarise_runs(runs)}
+            log(f"raw: {len(ids)} prompt tokens: TTFT {entry['ttft_ms']} ms, "
+                f"{entry['tokens_per_second']} tokens/s, {entry['completion_tokens']} tokens")
+            per_prompt.append((entry, runs[0].token_ids))
+        return {"model": resolved.name, "model_path": resolved.path,
+                "backend": backend.describe(), "per_prompt": per_prompt}
+    finally:
+        backend.close()
+        del backend
+        gc.collect()
+
+
+def raw_once(backend, prompt_ids: List[int], params) -> RunResult:
+    """One timed generation straight from the backend."""
+    tokens: List[int] = []
+    t_first = t_last = 0.0
+    t0 = time.monotonic()
+    for token in backend.generate(prompt_ids, params, threading.Event()):
+        t_last = time.monotonic()
+        if not tokens:
+            t_first = t_last
+        tokens.append(token)
+    return RunResult(ttft_ms=(t_first - t0) * 1e3 if tokens else 0.0,
+                     tokens_per_second=decode_rate(len(tokens) - 1, t_first, t_last),
+                     completion_tokens=len(tokens), token_ids=tokens)
+
+
+# -- through ROS -----------------------------------------------------------------------------------
+
+def node_command(max_new_tokens: int) -> List[str]:
+    """Command line of the installed llm_node for this benchmark."""
+    from slm_ros.cli import node_executable
+    return [node_executable("llm_node"), "--ros-args", "-r", f"__ns:={NAMESPACE}",
+            "-p", f"model:={MODEL}", "-p", f"backend:={BACKEND}",
+            "-p", f"default_max_new_tokens:={max_new_tokens}",
+            "-p", f"default_repetition_penalty:={REPETITION_PENALTY}",
+            "-p", "max_history_turns:=0"]
+
+
+def stop_process(proc: subprocess.Popen, timeout_s: float = 15.0) -> None:
+    """SIGINT, then SIGKILL if it has not exited after ``timeout_s``."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        log(f"node pid {proc.pid} ignored SIGINT for {timeout_s:.0f} s; killing it")
+        proc.kill()
+        proc.wait()
+
+
+class GenerateClient:
+    """A ROS client node that sends Generate goals and timestamps the feedback it receives."""
+
+    def __init__(self, namespace: str) -> None:
+        import rclpy
+        from rclpy.action import ActionClient
+
+        from slm_ros.action import Generate
+
+        self._rclpy = rclpy
+        self._goal_type = Generate.Goal
+        self._context = rclpy.Context()
+        rclpy.init(context=self._context)
+        self.node = rclpy.create_node("slm_bench_client", namespace=namespace, context=self._context)
+        self._client = ActionClient(self.node, Generate, "generate")
+
+    def wait_for_server(self, alive: Callable[[], bool], timeout_s: float) -> None:
+        """Wait until the action server answers; fail early if the node process died."""
+        deadline = time.monotonic() + timeout_s
+        while not self._client.wait_for_server(timeout_sec=1.0):
+            if not alive():
+                raise RuntimeError("the llm_node process exited before serving (see its log above)")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no action server at {NAMESPACE}/generate after {timeout_s:.0f} s")
+
+    def _spin_until(self, done: Callable[[], bool], timeout_s: float) -> None:
+        from rclpy.executors import SingleThreadedExecutor
+        executor = SingleThreadedExecutor(context=self._context)
+        executor.add_node(self.node)
+        try:
+            deadline = time.monotonic() + timeout_s
+            while not done():
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no answer within {timeout_s:.0f} s")
+                executor.spin_once(timeout_sec=0.1)
+        finally:
+            executor.remove_node(self.node)
+            executor.shutdown()
+
+    def generate(self, prompt: str, max_new_tokens: int, timeout_s: float = 300.0) -> RunResult:
+        """Send one greedy goal, wait for its result and final feedback chunk, return timings."""
+        goal = self._goal_type()
+        goal.request.prompt = prompt
+        goal.request.reset_session = True
+        goal.request.sampling.max_new_tokens = max_new_tokens
+        goal.request.sampling.top_k = 1
+        goal.request.sampling.repetition_penalty = REPETITION_PENALTY
+        arrivals: List[float] = []     # client time of each chunk carrying tokens
+        counts: List[int] = []         # tokens per such chunk
+        token_ids: List[int] = []
+        first_text: List[float] = []
+        final_seen: List[bool] = []
+
+        def on_feedback(feedback) -> None:
+            now = time.monotonic()
+            chunk = feedback.feedback.chunk
+            if chunk.text and not first_text:
+                first_text.append(now)
+            if len(chunk.token_ids):
+                arrivals.append(now)
+                counts.append(len(chunk.token_ids))
+                token_ids.extend(int(t) for t in chunk.token_ids)
+            if chunk.is_final:
+                final_seen.append(True)
+
+        t_send = time.monotonic()
+        send = self._client.send_goal_async(goal, feedback_callback=on_feedback)
+        self._spin_until(send.done, timeout_s)
+        handle = send.result()
+        if not handle.accepted:
+            raise RuntimeError("goal rejected by the llm node")
+        result_future = handle.get_result_async()
+        self._spin_until(lambda: result_future.done() and bool(final_seen), timeout_s)
+        result = result_future.result().result
+        if result.finish_reason == "error":
+            raise RuntimeError(f"generation failed: {result.error}")
+        s = result.stats
+        node_stats = {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens,
+                      "time_to_first_token_ms": s.time_to_first_token_ms,
+                      "tokens_per_second": s.tokens_per_second, "total_ms": s.total_ms,
+                      "queue_ms": s.queue_ms}
+        ttft = (first_text[0] - t_send) * 1e3 if first_text else 0.0
+        tps = decode_rate(sum(counts[1:]), arrivals[0], arrivals[-1]) if arrivals else 0.0
+        return RunResult(ttft_ms=ttft, tokens_per_second=tps, completion_tokens=sum(counts),
+                         token_ids=token_ids, node_stats=node_stats)
+
+    def close(self) -> None:
+        """Destroy the client node and shut its context down."""
+        self._client.destroy()
+        self.node.destroy_node()
+        self._rclpy.try_shutdown(context=self._context)
+
+
+def bench_ros(prompts: Sequence[str], max_new_tokens: int, repeats: int,
+              wait_s: float) -> Dict[str, object]:
+    """Start llm_node in its own process and time ``repeats`` goals per prompt from this process."""
+    cmd = node_command(max_new_tokens)
+    log(f"ros: starting {' '.join(cmd)}")
+    # Node logs go to stderr so that stdout carries only the JSON report.
+    proc = subprocess.Popen(cmd, stdout=sys.stderr, stderr=sys.stderr)
+    client = None
+    try:
+        client = GenerateClient(NAMESPACE)
+        t0 = time.monotonic()
+        client.wait_for_server(lambda: proc.poll() is None, wait_s)
+        log(f"ros: action server up after {time.monotonic() - t0:.1f} s")
+        client.generate(prompts[0], min(4, max_new_tokens))   # untimed: first round trip
+        per_prompt = []
+        for prompt in prompts:
+            runs = [client.generate(prompt, max_new_tokens) for _ in range(repeats)]
+            entry = summarise_runs(runs)
+            log(f"ros: {entry.get('prompt_tokens')} prompt tokens: TTFT {entry['ttft_ms']} ms "
+                f"(node {entry.get('node_ttft_ms')}), {entry['tokens_per_second']} tokens/s "
+                f"(node {entry.get('node_tokens_per_second')}), {entry['completion_tokens']} tokens")
+            per_prompt.append((entry, runs[0].token_ids))
+        return {"node_command": cmd, "per_prompt": per_prompt}
+    finally:
+        if client is not None:
+            client.close()
+        stop_process(proc)
+
+
+# -- report ----------------------------------------------------------------------------------------
+
+def build_report(args, prompts: Sequence[str], raw: Dict, ros: Dict) -> Dict[str, object]:
+    """Combine both paths into the JSON report with per-prompt and overall comparisons."""
+    rows = []
+    ratios, overheads = [], []
+    for prompt, (r, r_ids), (o, o_ids) in zip(prompts, raw["per_prompt"], ros["per_prompt"]):
+        ratio = (o["tokens_per_second"] / r["tokens_per_second"]) if r["tokens_per_second"] else 0.0
+        overhead = o["ttft_ms"] - r["ttft_ms"]
+        ratios.append(ratio)
+        overheads.append(overhead)
+        rows.append({
+            "prompt": prompt,
+            "prompt_tokens": r["prompt_tokens"],
+            "raw": r,
+            "ros": o,
+            "tokens_per_second_ratio": round(ratio, 4),
+            "ttft_overhead_ms": round(overhead, 2),
+            "same_tokens": r_ids == o_ids,
+        })
+    tps_ratio = median(ratios)
+    ttft_overhead = median(overheads)
+    return {
+        "benchmark": "slm_ros raw backend vs llm_node through ROS 2 (client in another process)",
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine_info(),
+        "model": raw["model"],
+        "backend": raw["backend"],
+        "params": {"max_new_tokens": args.max_new_tokens, "repeats": args.repeats,
+                   "prompts": len(prompts), "decoding": "greedy",
+                   "repetition_penalty": REPETITION_PENALTY, "namespace": NAMESPACE,
+                   "node_command": ros["node_command"]},
+        "per_prompt": rows,
+        "summary": {
+            "raw_tokens_per_second": round(median([r["raw"]["tokens_per_second"] for r in rows]), 3),
+            "ros_tokens_per_second": round(median([r["ros"]["tokens_per_second"] for r in rows]), 3),
+            "raw_ttft_ms": round(median([r["raw"]["ttft_ms"] for r in rows]), 2),
+            "ros_ttft_ms": round(median([r["ros"]["ttft_ms"] for r in rows]), 2),
+            "tokens_per_second_ratio": round(tps_ratio, 4),
+            "ttft_overhead_ms": round(ttft_overhead, 2),
+            "all_same_tokens": all(r["same_tokens"] for r in rows),
+            "goal_tps_ratio": GOAL_TPS_RATIO,
+            "goal_ttft_overhead_ms": GOAL_TTFT_OVERHEAD_MS,
+            "goal_tps_ratio_met": tps_ratio >= GOAL_TPS_RATIO,
+            "goal_ttft_overhead_met": ttft_overhead <= GOAL_TTFT_OVERHEAD_MS,
+        },
+    }
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--max-new-tokens", type=int, default=48,
+                        help="tokens generated per request on both paths (default 48)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed runs per prompt and path; medians are reported (default 3)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help=f"JSON report file (default {DEFAULT_OUT})")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"smoke run: 1 repeat, the first {QUICK_PROMPTS} prompts")
+    parser.add_argument("--wait", type=float, default=600.0,
+                        help="seconds to wait for the node to load the model (default 600)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.repeats = 1
+    if args.max_new_tokens < 2 or args.repeats < 1:
+        parser.error("--max-new-tokens must be >= 2 and --repeats >= 1")
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run both paths, print the JSON report and write it to ``--out``."""
+    args = parse_args(argv)
+    prompts = PROMPTS[:QUICK_PROMPTS] if args.quick else PROMPTS
+    with ros_domain() as domain:
+        log(f"ROS_DOMAIN_ID={domain}, ROS_AUTOMATIC_DISCOVERY_RANGE="
+            f"{os.environ.get('ROS_AUTOMATIC_DISCOVERY_RANGE')}")
+        raw = bench_raw(prompts, args.max_new_tokens, args.repeats)
+        ros = bench_ros(prompts, args.max_new_tokens, args.repeats, args.wait)
+        report = build_report(args, prompts, raw, ros)
+    text = json.dumps(report, indent=2)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text + "\n")
+    print(text)
+    log(f"report written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,174 @@
+"""Helpers for tests that talk to a real llm_node process over real DDS (no mocks)."""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import threading
+import time
+from typing import Dict, List, Optional
+
+import rclpy
+from rclpy.action import ActionClient
+from rclpy.executors import MultiThreadedExecutor
+from std_msgs.msg import String
+
+from slm_ros.action import Generate
+from slm_ros.cli import node_executable
+from slm_ros.msg import GenerateRequest, TokenChunk
+from slm_ros.ros import qos
+
+
+class NodeProcess:
+    """An installed llm_node started as a subprocess in its own ROS domain, output kept in a log."""
+
+    def __init__(self, domain_id: int, log_path, namespace: str = "/t", **params) -> None:
+        self.namespace = namespace
+        self.log_path = log_path
+        cmd = [node_executable("llm_node"), "--ros-args", "-r", f"__ns:={namespace}"]
+        for key, value in params.items():
+            cmd += ["-p", f"{key}:={value}"]
+        env = dict(os.environ, ROS_DOMAIN_ID=str(domain_id),
+                   ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST", PYTHONUNBUFFERED="1")
+        self._log = open(log_path, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                                     cwd=str(log_path.parent))
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text()
+
+    def wait_for_log(self, text: str, timeout: float = 60.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.log():
+                return True
+            if self.proc.poll() is not None:
+                return False
+            time.sleep(0.1)
+        return False
+
+    def stop(self) -> Optional[int]:
+        """SIGINT, wait, SIGINT again, then SIGKILL; returns the exit code."""
+        for sig, wait in ((signal.SIGINT, 10), (signal.SIGINT, 5), (signal.SIGKILL, 5)):
+            if self.proc.poll() is not None:
+                break
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=wait)
+            except subprocess.TimeoutExpired:
+                continue
+        self._log.close()
+        return self.proc.returncode
+
+
+class LlmClient:
+    """A client node in the test process: topics, the generate action, and every chunk seen."""
+
+    def __init__(self, domain_id: int, namespace: str = "/t") -> None:
+        self.context = rclpy.Context()
+        rclpy.init(context=self.context, domain_id=domain_id)
+        self.node = rclpy.create_node("test_client", namespace=namespace, context=self.context)
+        self.chunks: Dict[str, List[TokenChunk]] = collections.defaultdict(list)
+        self.responses: List[str] = []
+        self._cv = threading.Condition()
+        self.node.create_subscription(TokenChunk, "tokens", self._on_chunk, qos.TOKEN_STREAM)
+        self.node.create_subscription(String, "response", self._on_response, qos.RESULTS)
+        self.prompt_pub = self.node.create_publisher(String, "prompt", qos.COMMANDS)
+        self.request_pub = self.node.create_publisher(GenerateRequest, "request", qos.COMMANDS)
+        self.cancel_pub = self.node.create_publisher(String, "cancel", qos.COMMANDS)
+        self.action = ActionClient(self.node, Generate, "generate")
+        self.executor = MultiThreadedExecutor(num_threads=4, context=self.context)
+        self.executor.add_node(self.node)
+        self._thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self._thread.start()
+
+    def _on_chunk(self, msg: TokenChunk) -> None:
+        with self._cv:
+            self.chunks[msg.request_id].append(msg)
+            self._cv.notify_all()
+
+    def _on_response(self, msg: String) -> None:
+        with self._cv:
+            self.responses.append(msg.data)
+            self._cv.notify_all()
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Wait until the node's action server and topic endpoints are matched."""
+        assert self.action.wait_for_server(timeout_sec=timeout), "llm node action server not found"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if (self.prompt_pub.get_subscription_count() and self.request_pub.get_subscription_count()
+                    and self.cancel_pub.get_subscription_count()
+                    and self.node.count_publishers(self.node.resolve_topic_name("tokens"))):
+                time.sleep(0.3)  # let the node's subscriptions to our publishers settle
+                return
+            time.sleep(0.05)
+        raise AssertionError("llm node topics not matched")
+
+    def wait_for(self, predicate, timeout: float = 60.0) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while not predicate():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cv.wait(timeout=left)
+            return True
+
+    def finals(self) -> Dict[str, List[TokenChunk]]:
+        with self._cv:
+            return {rid: [c for c in cs if c.is_final] for rid, cs in self.chunks.items()}
+
+    def wait_final(self, request_id: str, timeout: float = 60.0) -> TokenChunk:
+        ok = self.wait_for(lambda: any(c.is_final for c in self.chunks.get(request_id, ())), timeout)
+        assert ok, f"no final chunk for {request_id} within {timeout} s"
+        return [c for c in self.chunks[request_id] if c.is_final][0]
+
+    def request(self, prompt: str, request_id: str, **fields) -> None:
+        msg = GenerateRequest(prompt=prompt, request_id=request_id)
+        for key, value in fields.items():
+            if key == "sampling":
+                for skey, svalue in value.items():
+                    setattr(msg.sampling, skey, svalue)
+            else:
+                setattr(msg, key, value)
+        self.request_pub.publish(msg)
+
+    def send_goal(self, prompt: str, feedback: Optional[list] = None, **sampling):
+        """Send a goal; returns the goal handle (accepted)."""
+        goal = Generate.Goal()
+        goal.request.prompt = prompt
+        for key, value in sampling.items():
+            setattr(goal.request.sampling, key, value)
+        cb = (lambda fb: feedback.append(fb.feedback.chunk)) if feedback is not None else None
+        future = self.action.send_goal_async(goal, feedback_callback=cb)
+        handle = wait_future(future)
+        assert handle.accepted
+        return handle
+
+    def close(self) -> None:
+        self.executor.shutdown()
+        self._thread.join(timeout=5)
+        self.node.destroy_node()
+        rclpy.try_shutdown(context=self.context)
+
+
+def wait_future(future, timeout: float = 60.0):
+    """Wait for an rclpy future that another thread's executor completes."""
+    done = threading.Event()
+    future.add_done_callback(lambda _f: done.set())
+    assert done.wait(timeout), "future did not complete"
+    return future.result()
+
+
+def assert_stream_ok(chunks: List[TokenChunk]) -> str:
+    """seq 0..n-1 without gaps, exactly one final chunk and it is the last; returns the text."""
+    seqs = [c.seq for c in chunks]
+    assert seqs == list(range(len(chunks))), f"seq not gapless: {seqs}"
+    finals = [c for c in chunks if c.is_final]
+    assert len(finals) == 1 and chunks[-1].is_final, "exactly one final chunk, last"
+    assert finals[0].finish_reason in ("stop", "length", "cancelled", "error")
+    return "".join(c.text for c in chunks)

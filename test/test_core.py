@@ -1,0 +1,168 @@
+"""Tier 1: the ROS-free core, no model (pure Python, fast)."""
+
+import threading
+
+import pytest
+
+from slm_ros.core.errors import ConfigError, RequestError
+from slm_ros.core.session import SessionStore, Turn, build_messages, fit_prompt
+from slm_ros.core.streaming import IncrementalDetokenizer, StopStringFilter, iterate_in_thread
+from slm_ros.core.types import SamplingOverrides, SamplingParams
+
+
+# -- streaming ---------------------------------------------------------------------------------
+
+def byte_decode(ids):
+    """A byte-level 'tokenizer': token id = one byte, decoded like HF byte-level BPE decoders do."""
+    return bytes(ids).decode("utf-8", errors="replace")
+
+
+@pytest.mark.parametrize("text", ["héllo wörld", "robot 🤖 sees 世界", "𝄞 clef", "plain ascii"])
+def test_detokenizer_never_splits_utf8(text):
+    detok = IncrementalDetokenizer(byte_decode)
+    deltas = [detok.push(b) for b in text.encode("utf-8")] + [detok.flush()]
+    for delta in deltas:
+        assert "\ufffd" not in delta
+        delta.encode("utf-8")  # whole characters only
+    assert "".join(deltas) == text
+    # a 4-byte emoji comes out in one piece, after its last byte
+    if "🤖" in text:
+        assert "🤖" in deltas or any("🤖" in d for d in deltas)
+
+
+def test_detokenizer_drops_incomplete_tail():
+    detok = IncrementalDetokenizer(byte_decode)
+    out = detok.push(ord("a")) + detok.push(0xF0) + detok.push(0x9F)  # start of a 4-byte char
+    assert out == "a"
+    assert detok.flush() == ""
+
+
+@pytest.mark.parametrize("stops,pieces,expected,stopped", [
+    (["STOP"], ["Hello ", "ST", "OP and more"], "Hello ", True),
+    (["STOP"], ["Hello ", "ST", "ART"], "Hello START", False),
+    (["\n\n", "User:"], ["a\n", "\nb"], "a", True),
+    ([], ["x", "y"], "xy", False),
+    (["abc"], ["zab"], "zab", False),
+])
+def test_stop_filter(stops, pieces, expected, stopped):
+    f = StopStringFilter(stops)
+    out = "".join(f.feed(p) for p in pieces) + f.flush()
+    assert out == expected and f.stopped == stopped
+
+
+def test_stop_filter_holds_back_partial_stop():
+    f = StopStringFilter(["<end>"])
+    assert f.feed("text <e") == "text "
+    assert f.feed("n") == ""
+    assert f.feed("x") == "<enx"
+
+
+def test_iterate_in_thread_yields_in_order_and_raises_producer_errors():
+    cancel = threading.Event()
+
+    def produce(emit):
+        for i in range(100):
+            emit(i)
+
+    assert list(iterate_in_thread(produce, cancel, maxsize=4)) == list(range(100))
+
+    def broken(emit):
+        emit(1)
+        raise ValueError("model exploded")
+
+    with pytest.raises(ValueError, match="model exploded"):
+        list(iterate_in_thread(broken, threading.Event()))
+
+
+def test_iterate_in_thread_early_exit_stops_producer():
+    cancel = threading.Event()
+    produced = []
+
+    def produce(emit):
+        i = 0
+        while not cancel.is_set():
+            emit(i)
+            produced.append(i)
+            i += 1
+
+    for item in iterate_in_thread(produce, cancel, maxsize=2):
+        if item == 5:
+            break
+    assert cancel.is_set()
+    assert len(produced) < 20  # bounded queue: the producer never ran far ahead
+
+
+# -- sampling validation -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fields,match", [
+    ({"temperature": -0.5}, "temperature must be >= 0"),
+    ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+    ({"top_p": -0.1}, r"top_p must be in \(0, 1\]"),
+    ({"top_k": -1}, "top_k must be >= 0"),
+    ({"repetition_penalty": -1.0}, "repetition_penalty must be > 0"),
+    ({"temperature": float("nan")}, "temperature must be a finite number"),
+    ({"stop": ("",)}, "stop entries must be non-empty"),
+])
+def test_invalid_sampling_names_the_field(fields, match):
+    with pytest.raises(RequestError, match=match):
+        SamplingOverrides(**fields)
+
+
+def test_zero_fields_take_node_defaults():
+    defaults = SamplingParams(max_new_tokens=100, temperature=0.7, top_p=0.9, top_k=40,
+                              repetition_penalty=1.2, seed=7, stop=("###",))
+    assert SamplingOverrides().resolve(defaults) == defaults
+    got = SamplingOverrides(max_new_tokens=5, top_k=1, stop=("x",)).resolve(defaults)
+    assert (got.max_new_tokens, got.top_k, got.stop, got.temperature) == (5, 1, ("x",), 0.7)
+    assert got.greedy
+
+
+def test_invalid_defaults_are_config_errors():
+    with pytest.raises(ConfigError, match="default_top_p"):
+        SamplingParams(top_p=0.0)
+    with pytest.raises(ConfigError, match="default_temperature"):
+        SamplingParams(temperature=-1.0)
+
+
+# -- sessions ----------------------------------------------------------------------------------
+
+def word_template(messages):
+    """One 'token' per word plus 2 per message (stand-in for a chat template's overhead)."""
+    return [0] * sum(len(m["content"].split()) + 2 for m in messages)
+
+
+def test_session_store_keeps_last_turns_and_resets():
+    store = SessionStore(max_turns=2)
+    for i in range(5):
+        store.append("s", Turn(f"q{i}", f"a{i}"))
+    assert [t.user for t in store.history("s")] == ["q3", "q4"]
+    assert store.history("other") == []
+    store.reset("s")
+    assert store.history("s") == []
+
+
+def test_session_store_bounds_sessions():
+    store = SessionStore(max_turns=1, max_sessions=3)
+    for i in range(5):
+        store.append(f"s{i}", Turn("q", "a"))
+    assert len(store) == 3 and store.history("s0") == [] and store.history("s4")
+
+
+def test_fit_prompt_trims_oldest_history_first():
+    history = [Turn("one two three", "four five six"), Turn("seven", "eight"), Turn("nine", "ten")]
+    ids, used, budget = fit_prompt(word_template, "", history, "final question", 40, 20)
+    messages = build_messages("", history[len(history) - used:], "final question")
+    assert used == 2 and len(ids) == len(word_template(messages)) and budget == 20
+    # the kept turns are the newest ones
+    assert messages[0]["content"] == "seven"
+
+
+def test_fit_prompt_never_truncates_the_prompt():
+    long_prompt = " ".join(["word"] * 50)
+    with pytest.raises(RequestError, match="prompt is too long: 52 tokens"):
+        fit_prompt(word_template, "", [Turn("a", "b")], long_prompt, 40, 10)
+
+
+def test_fit_prompt_clamps_the_answer_budget():
+    ids, used, budget = fit_prompt(word_template, "sys", [], "a b c", 20, 100)
+    assert used == 0 and budget == 20 - len(ids)
