@@ -16,9 +16,15 @@ the same prompts and the same ``max_new_tokens`` on both paths:
 
 Each prompt runs ``--repeats`` times per path; medians are reported per prompt, and the summary takes
 the median over prompts of ``ros_tokens_per_second / raw_tokens_per_second`` and of
-``ros_ttft_ms - raw_ttft_ms``. Goals (issue): ratio >= 0.98 and TTFT overhead <= 5 ms. The two paths
-run one after the other (the raw model is freed before the node starts), so they never compete for
-CPU cores.
+``ros_ttft_ms - raw_ttft_ms``. Goals (issue): ratio >= 0.98 and TTFT overhead <= 5 ms.
+
+Only one generation runs at a time, so the paths never compete for CPU cores. By default raw and ROS
+runs alternate (order flipped every repetition, a short idle pause before each run): small shared
+CPUs drift in speed by tens of percent over minutes, which would otherwise land on one path only.
+``--sequential`` instead runs all raw runs, frees the model, then starts the node and runs all ROS
+runs. The report also gives the transport-only overhead, client-side minus node-reported numbers of
+the same ROS runs (``client_minus_node_ttft_ms``, ``client_vs_node_tokens_per_second_ratio``), which
+no drift affects.
 
 Run (takes a few minutes on a 2-core CPU; ``--quick`` for a smoke run)::
 
@@ -163,37 +169,39 @@ def machine_info() -> Dict[str, object]:
 
 # -- raw backend -----------------------------------------------------------------------------------
 
-def bench_raw(prompts: Sequence[str], max_new_tokens: int, repeats: int) -> Dict[str, object]:
-    """Load the backend in this process and time ``repeats`` greedy generations per prompt."""
-    from slm_ros.backends.base import BackendConfig
-    from slm_ros.backends.registry import create_backend
-    from slm_ros.core.session import build_messages
-    from slm_ros.core.types import SamplingParams
-    from slm_ros.models import resolve_model
+class RawBench:
+    """The backend loaded in this process, timing generations straight from it."""
 
-    resolved = resolve_model(MODEL, progress=log)
-    backend = create_backend(BACKEND)
-    t0 = time.monotonic()
-    backend.load(BackendConfig(model=resolved.path))
-    backend.warmup()
-    log(f"raw: loaded {resolved.name} in {time.monotonic() - t0:.1f} s: {backend.describe()}")
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0,
-                            repetition_penalty=REPETITION_PENALTY)
-    try:
-        per_prompt = []
-        for prompt in prompts:
-            # The node's own way to build the prompt: empty system prompt, no history.
-            ids = backend.apply_chat_template(build_messages("", [], prompt))
-            runs = [raw_once(backend, ids, params) for _ in range(repeats)]
-            entry = {"prompt_tokens": len(ids), **summarise_runs(runs)}
-            log(f"raw: {len(ids)} prompt tokens: TTFT {entry['ttft_ms']} ms, "
-                f"{entry['tokens_per_second']} tokens/s, {entry['completion_tokens']} tokens")
-            per_prompt.append((entry, runs[0].token_ids))
-        return {"model": resolved.name, "model_path": resolved.path,
-                "backend": backend.describe(), "per_prompt": per_prompt}
-    finally:
-        backend.close()
-        del backend
+    def __init__(self) -> None:
+        from slm_ros.backends.base import BackendConfig
+        from slm_ros.backends.registry import create_backend
+        from slm_ros.core.session import build_messages
+        from slm_ros.core.types import SamplingParams
+        from slm_ros.models import resolve_model
+
+        self._build_messages = build_messages
+        self._sampling = SamplingParams
+        self.resolved = resolve_model(MODEL, progress=log)
+        self.backend = create_backend(BACKEND)
+        t0 = time.monotonic()
+        self.backend.load(BackendConfig(model=self.resolved.path))
+        self.backend.warmup()
+        log(f"raw: loaded {self.resolved.name} in {time.monotonic() - t0:.1f} s: "
+            f"{self.backend.describe()}")
+
+    def prompt_ids(self, prompt: str) -> List[int]:
+        """Prompt token ids built the node's way: empty system prompt, no history."""
+        return self.backend.apply_chat_template(self._build_messages("", [], prompt))
+
+    def generate(self, prompt: str, max_new_tokens: int) -> RunResult:
+        """One timed greedy generation of ``prompt``."""
+        params = self._sampling(max_new_tokens=max_new_tokens, temperature=0.0,
+                                repetition_penalty=REPETITION_PENALTY)
+        return raw_once(self.backend, self.prompt_ids(prompt), params)
+
+    def close(self) -> None:
+        """Free the model."""
+        self.backend.close()
         gc.collect()
 
 
@@ -330,9 +338,9 @@ class GenerateClient:
         self._rclpy.try_shutdown(context=self._context)
 
 
-def bench_ros(prompts: Sequence[str], max_new_tokens: int, repeats: int,
-              wait_s: float) -> Dict[str, object]:
-    """Start llm_node in its own process and time ``repeats`` goals per prompt from this process."""
+@contextlib.contextmanager
+def ros_node(max_new_tokens: int, wait_s: float) -> Iterator[GenerateClient]:
+    """Run llm_node in its own process; yield a warmed-up client; stop both on exit."""
     cmd = node_command(max_new_tokens)
     log(f"ros: starting {' '.join(cmd)}")
     # Node logs go to stderr so that stdout carries only the JSON report.
@@ -343,54 +351,100 @@ def bench_ros(prompts: Sequence[str], max_new_tokens: int, repeats: int,
         t0 = time.monotonic()
         client.wait_for_server(lambda: proc.poll() is None, wait_s)
         log(f"ros: action server up after {time.monotonic() - t0:.1f} s")
-        client.generate(prompts[0], min(4, max_new_tokens))   # untimed: first round trip
-        per_prompt = []
-        for prompt in prompts:
-            runs = [client.generate(prompt, max_new_tokens) for _ in range(repeats)]
-            entry = summarise_runs(runs)
-            log(f"ros: {entry.get('prompt_tokens')} prompt tokens: TTFT {entry['ttft_ms']} ms "
-                f"(node {entry.get('node_ttft_ms')}), {entry['tokens_per_second']} tokens/s "
-                f"(node {entry.get('node_tokens_per_second')}), {entry['completion_tokens']} tokens")
-            per_prompt.append((entry, runs[0].token_ids))
-        return {"node_command": cmd, "per_prompt": per_prompt}
+        client.generate(PROMPTS[0], 4)   # untimed: first round trip (discovery, allocations)
+        yield client
     finally:
         if client is not None:
             client.close()
         stop_process(proc)
 
 
+def measure(prompts: Sequence[str], max_new_tokens: int, repeats: int,
+            paths: Sequence[tuple], pause_s: float) -> Dict[str, List[List[RunResult]]]:
+    """Time every prompt ``repeats`` times on every path; returns runs[path][prompt index].
+
+    With several paths the runs alternate (path order flipped every repetition) so that slow drifts
+    of the machine's speed hit all paths alike. ``pause_s`` between runs lets idle thread pools of the
+    previous run go to sleep before the next one starts.
+    """
+    runs: Dict[str, List[List[RunResult]]] = {name: [[] for _ in prompts] for name, _ in paths}
+    for rep in range(repeats):
+        order = list(paths) if rep % 2 == 0 else list(reversed(paths))
+        for i, prompt in enumerate(prompts):
+            for name, generate in order:
+                time.sleep(pause_s)
+                run = generate(prompt, max_new_tokens)
+                runs[name][i].append(run)
+                log(f"rep {rep + 1}/{repeats} prompt {i + 1}/{len(prompts)} {name}: "
+                    f"TTFT {run.ttft_ms:.1f} ms, {run.tokens_per_second:.2f} tokens/s, "
+                    f"{run.completion_tokens} tokens")
+    return runs
+
+
+def run_benchmark(args, prompts: Sequence[str]) -> Dict[str, object]:
+    """Both paths, interleaved (default) or one after the other (``--sequential``)."""
+    raw: Optional[RawBench] = RawBench()
+    try:
+        info: Dict[str, object] = {
+            "model": raw.resolved.name, "backend": raw.backend.describe(),
+            "prompt_tokens": [len(raw.prompt_ids(p)) for p in prompts],
+            "node_command": node_command(args.max_new_tokens)}
+        runs: Dict[str, List[List[RunResult]]] = {}
+        if args.sequential:
+            runs.update(measure(prompts, args.max_new_tokens, args.repeats,
+                                [("raw", raw.generate)], args.pause))
+            raw.close()   # free the model before the node loads its copy
+            raw = None
+        with ros_node(args.max_new_tokens, args.wait) as client:
+            paths = [("ros", client.generate)]
+            if raw is not None:
+                paths.insert(0, ("raw", raw.generate))
+            runs.update(measure(prompts, args.max_new_tokens, args.repeats, paths, args.pause))
+    finally:
+        if raw is not None:
+            raw.close()
+    info["runs"] = runs
+    return info
+
+
 # -- report ----------------------------------------------------------------------------------------
 
-def build_report(args, prompts: Sequence[str], raw: Dict, ros: Dict) -> Dict[str, object]:
-    """Combine both paths into the JSON report with per-prompt and overall comparisons."""
+def build_report(args, prompts: Sequence[str], bench: Dict) -> Dict[str, object]:
+    """Per-prompt medians and the overall comparison, as a JSON-ready dict."""
     rows = []
-    ratios, overheads = [], []
-    for prompt, (r, r_ids), (o, o_ids) in zip(prompts, raw["per_prompt"], ros["per_prompt"]):
-        ratio = (o["tokens_per_second"] / r["tokens_per_second"]) if r["tokens_per_second"] else 0.0
-        overhead = o["ttft_ms"] - r["ttft_ms"]
-        ratios.append(ratio)
-        overheads.append(overhead)
+    for i, prompt in enumerate(prompts):
+        raw_runs, ros_runs = bench["runs"]["raw"][i], bench["runs"]["ros"][i]
+        r, o = summarise_runs(raw_runs), summarise_runs(ros_runs)
+        ratio = o["tokens_per_second"] / r["tokens_per_second"] if r["tokens_per_second"] else 0.0
         rows.append({
             "prompt": prompt,
-            "prompt_tokens": r["prompt_tokens"],
+            "prompt_tokens": bench["prompt_tokens"][i],
             "raw": r,
             "ros": o,
             "tokens_per_second_ratio": round(ratio, 4),
-            "ttft_overhead_ms": round(overhead, 2),
-            "same_tokens": r_ids == o_ids,
+            "ttft_overhead_ms": round(o["ttft_ms"] - r["ttft_ms"], 2),
+            # Transport only: what the client sees minus what the node measured for the same runs.
+            "client_minus_node_ttft_ms": round(median(
+                [x.ttft_ms - x.node_stats["time_to_first_token_ms"] for x in ros_runs]), 2),
+            "client_vs_node_tokens_per_second_ratio": round(median(
+                [x.tokens_per_second / x.node_stats["tokens_per_second"]
+                 for x in ros_runs if x.node_stats["tokens_per_second"]]), 4),
+            "same_tokens": all(x.token_ids == raw_runs[0].token_ids for x in raw_runs + ros_runs),
         })
-    tps_ratio = median(ratios)
-    ttft_overhead = median(overheads)
+    tps_ratio = median([row["tokens_per_second_ratio"] for row in rows])
+    ttft_overhead = median([row["ttft_overhead_ms"] for row in rows])
     return {
-        "benchmark": "slm_ros raw backend vs llm_node through ROS 2 (client in another process)",
+        "benchmark": "slm_ros: raw backend vs llm_node through ROS 2 (client in another process)",
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": machine_info(),
-        "model": raw["model"],
-        "backend": raw["backend"],
+        "model": bench["model"],
+        "backend": bench["backend"],
         "params": {"max_new_tokens": args.max_new_tokens, "repeats": args.repeats,
                    "prompts": len(prompts), "decoding": "greedy",
-                   "repetition_penalty": REPETITION_PENALTY, "namespace": NAMESPACE,
-                   "node_command": ros["node_command"]},
+                   "repetition_penalty": REPETITION_PENALTY,
+                   "schedule": "sequential" if args.sequential else "interleaved",
+                   "pause_s": args.pause, "namespace": NAMESPACE,
+                   "node_command": bench["node_command"]},
         "per_prompt": rows,
         "summary": {
             "raw_tokens_per_second": round(median([r["raw"]["tokens_per_second"] for r in rows]), 3),
@@ -399,6 +453,10 @@ def build_report(args, prompts: Sequence[str], raw: Dict, ros: Dict) -> Dict[str
             "ros_ttft_ms": round(median([r["ros"]["ttft_ms"] for r in rows]), 2),
             "tokens_per_second_ratio": round(tps_ratio, 4),
             "ttft_overhead_ms": round(ttft_overhead, 2),
+            "client_minus_node_ttft_ms": round(
+                median([r["client_minus_node_ttft_ms"] for r in rows]), 2),
+            "client_vs_node_tokens_per_second_ratio": round(
+                median([r["client_vs_node_tokens_per_second_ratio"] for r in rows]), 4),
             "all_same_tokens": all(r["same_tokens"] for r in rows),
             "goal_tps_ratio": GOAL_TPS_RATIO,
             "goal_ttft_overhead_ms": GOAL_TTFT_OVERHEAD_MS,
@@ -419,6 +477,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         help=f"JSON report file (default {DEFAULT_OUT})")
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke run: 1 repeat, the first {QUICK_PROMPTS} prompts")
+    parser.add_argument("--sequential", action="store_true",
+                        help="all raw runs first (model then freed), then all ROS runs; default: "
+                             "alternate raw and ROS runs so machine speed drifts hit both alike")
+    parser.add_argument("--pause", type=float, default=0.3,
+                        help="seconds of idle time before each timed run (default 0.3)")
     parser.add_argument("--wait", type=float, default=600.0,
                         help="seconds to wait for the node to load the model (default 600)")
     args = parser.parse_args(argv)
@@ -436,9 +499,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     with ros_domain() as domain:
         log(f"ROS_DOMAIN_ID={domain}, ROS_AUTOMATIC_DISCOVERY_RANGE="
             f"{os.environ.get('ROS_AUTOMATIC_DISCOVERY_RANGE')}")
-        raw = bench_raw(prompts, args.max_new_tokens, args.repeats)
-        ros = bench_ros(prompts, args.max_new_tokens, args.repeats, args.wait)
-        report = build_report(args, prompts, raw, ros)
+        bench = run_benchmark(args, prompts)
+        report = build_report(args, prompts, bench)
     text = json.dumps(report, indent=2)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text + "\n")

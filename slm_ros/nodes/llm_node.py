@@ -234,20 +234,17 @@ class LlmNode(LifecycleNode):
 
         return sink
 
-    def _submit(self, make_request, source: str, sink) -> str:
-        """Build the request (may fail validation) and hand it to the engine; returns its id."""
-        try:
-            request = make_request()
-        except SlmError as exc:
-            self.get_logger().warning(f"bad {source}: {exc}")
-            return self._engine.reject(str(exc), sink)
-        return self._engine.submit(request, sink)
-
     def _on_prompt(self, msg: String) -> None:
-        self._submit(lambda: request_from_prompt(msg.data), "prompt", self._sink())
+        self._engine.submit(request_from_prompt(msg.data), self._sink())
 
     def _on_request(self, msg: GenerateRequest) -> None:
-        self._submit(lambda: request_from_msg(msg), "request", self._sink())
+        sink = self._sink()
+        try:
+            request = request_from_msg(msg)
+        except SlmError as exc:  # invalid sampling fields: answered with an error chunk
+            self._engine.reject(f"invalid request: {exc}", sink, msg.request_id, msg.session_id)
+            return
+        self._engine.submit(request, sink)
 
     def _on_cancel_topic(self, msg: String) -> None:
         if not self._engine.cancel(msg.data.strip()):
@@ -261,8 +258,7 @@ class LlmNode(LifecycleNode):
         try:
             request = request_from_msg(goal_handle.request.request)
         except SlmError as exc:
-            self.get_logger().warning(f"bad goal: {exc}")
-            engine.reject(str(exc), sink, goal_handle.request.request.request_id,
+            engine.reject(f"invalid request: {exc}", sink, goal_handle.request.request.request_id,
                           goal_handle.request.request.session_id)
         else:
             with self._goal_lock:
