@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 import uuid
-from typing import Callable, Deque, Dict, List, Optional
+from typing import Callable, Deque, List, Optional
 
 from slm_ros.backends.base import Backend
 from slm_ros.core.errors import ConfigError, RequestError, SlmError
@@ -337,7 +337,3 @@ class Engine:
             queue_ms=(t_start - job.t_accept) * 1e3,
         )
 
-
-def describe_counters(counters: EngineCounters) -> Dict[str, float]:
-    """Counters as a flat dict (for logs and diagnostics)."""
-    return dataclasses.asdict(counters)
