@@ -253,13 +253,15 @@ class GenerateClient:
         from rclpy.action import ActionClient
 
         from slm_ros.action import Generate
+        from slm_ros.ros import qos
 
         self._rclpy = rclpy
         self._goal_type = Generate.Goal
         self._context = rclpy.Context()
         rclpy.init(context=self._context)
         self.node = rclpy.create_node("slm_bench_client", namespace=namespace, context=self._context)
-        self._client = ActionClient(self.node, Generate, "generate")
+        self._client = ActionClient(self.node, Generate, "generate",
+                                    feedback_sub_qos_profile=qos.ACTION_FEEDBACK)
 
     def wait_for_server(self, alive: Callable[[], bool], timeout_s: float) -> None:
         """Wait until the action server answers; fail early if the node process died."""

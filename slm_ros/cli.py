@@ -84,11 +84,13 @@ def ask(prompt: str, namespace: str = DEFAULT_NAMESPACE, session: str = "", syst
     from rclpy.action import ActionClient
 
     from slm_ros.action import Generate
+    from slm_ros.ros import qos
 
     rclpy.init()
     node = rclpy.create_node("slm_ros_cli", namespace=namespace)
     try:
-        client = ActionClient(node, Generate, "generate")
+        client = ActionClient(node, Generate, "generate",
+                              feedback_sub_qos_profile=qos.ACTION_FEEDBACK)
         if not client.wait_for_server(timeout_sec=wait_s):
             print(f"slm-ros: no LLM node answers at {namespace.rstrip('/')}/generate after "
                   f"{wait_s:.0f} s; start one with `slm-ros up`", file=sys.stderr)
@@ -102,11 +104,17 @@ def ask(prompt: str, namespace: str = DEFAULT_NAMESPACE, session: str = "", syst
             setattr(goal.request.sampling, key, value)
         t0 = time.monotonic()
         first = []
+        printed = []
+        final_seen = []
 
         def on_feedback(feedback) -> None:
-            if not first and feedback.feedback.chunk.text:
+            chunk = feedback.feedback.chunk
+            if not first and chunk.text:
                 first.append(time.monotonic())
-            out.write(feedback.feedback.chunk.text)
+            printed.append(chunk.text)
+            if chunk.is_final:
+                final_seen.append(True)
+            out.write(chunk.text)
             out.flush()
 
         send = client.send_goal_async(goal, feedback_callback=on_feedback)
@@ -119,6 +127,14 @@ def ask(prompt: str, namespace: str = DEFAULT_NAMESPACE, session: str = "", syst
             handle.cancel_goal_async()
             rclpy.spin_until_future_complete(node, result_future, timeout_sec=5.0)
         result = result_future.result().result
+        # The result is a service reply and may overtake the last feedback messages; wait briefly
+        # for the final chunk, then print whatever of the answer the feedback did not carry.
+        deadline = time.monotonic() + 2.0
+        while not final_seen and time.monotonic() < deadline:
+            rclpy.spin_once(node, timeout_sec=0.05)
+        shown = "".join(printed)
+        if result.text.startswith(shown):
+            out.write(result.text[len(shown):])
         out.write("\n")
         s = result.stats
         client_ttft = (first[0] - t0) * 1e3 if first else 0.0

@@ -79,7 +79,8 @@ class LlmClient:
         self.prompt_pub = self.node.create_publisher(String, "prompt", qos.COMMANDS)
         self.request_pub = self.node.create_publisher(GenerateRequest, "request", qos.COMMANDS)
         self.cancel_pub = self.node.create_publisher(String, "cancel", qos.COMMANDS)
-        self.action = ActionClient(self.node, Generate, "generate")
+        self.action = ActionClient(self.node, Generate, "generate",
+                                   feedback_sub_qos_profile=qos.ACTION_FEEDBACK)
         self.executor = MultiThreadedExecutor(num_threads=4, context=self.context)
         self.executor.add_node(self.node)
         self._thread = threading.Thread(target=self.executor.spin, daemon=True)
@@ -143,7 +144,11 @@ class LlmClient:
         goal.request.prompt = prompt
         for key, value in sampling.items():
             setattr(goal.request.sampling, key, value)
-        cb = (lambda fb: feedback.append(fb.feedback.chunk)) if feedback is not None else None
+        def on_feedback(fb) -> None:
+            with self._cv:
+                feedback.append(fb.feedback.chunk)
+                self._cv.notify_all()
+        cb = on_feedback if feedback is not None else None
         future = self.action.send_goal_async(goal, feedback_callback=cb)
         handle = wait_future(future)
         assert handle.accepted

@@ -45,6 +45,8 @@ def test_action_feedback_and_result(node_and_client):
     feedback = []
     handle = client.send_goal("Describe the room", feedback, max_new_tokens=30, top_k=1)
     result = wait_future(handle.get_result_async()).result
+    # The result (a service response) may overtake the last feedback messages (a topic).
+    assert client.wait_for(lambda: any(c.is_final for c in feedback), 10)
     assert result.finish_reason in ("length", "stop")
     assert result.text == assert_stream_ok(feedback)
     assert feedback[-1].request_id == result.request_id
@@ -61,6 +63,7 @@ def test_action_cancel_mid_stream(node_and_client):
     assert response.result.finish_reason == "cancelled"
     assert response.status == 5  # GoalStatus.STATUS_CANCELED
     assert response.result.stats.completion_tokens < 3000
+    assert client.wait_for(lambda: any(c.is_final for c in feedback), 10)
     assert_stream_ok(feedback)
 
 

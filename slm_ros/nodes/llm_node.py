@@ -168,7 +168,8 @@ class LlmNode(LifecycleNode):
         self._action_server = ActionServer(
             self, Generate, "generate", execute_callback=self._execute,
             goal_callback=lambda _goal: GoalResponse.ACCEPT,
-            cancel_callback=self._on_cancel_goal, callback_group=self._goal_group)
+            cancel_callback=self._on_cancel_goal, callback_group=self._goal_group,
+            feedback_pub_qos_profile=qos.ACTION_FEEDBACK)
         info = backend.describe()
         log.info(f"configured: {resolved.name} ({info.get('parameters', 0) / 1e6:.0f} M parameters) "
                  f"on {info.get('device', '?')} {info.get('dtype', '')}, context "

@@ -16,3 +16,8 @@ TOKEN_STREAM = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1000,
 #: Whole results (one message per finished request): reliable.
 RESULTS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100,
                      reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.VOLATILE)
+
+#: Action feedback carrying token chunks (the `generate` action): the same as TOKEN_STREAM. The rclpy
+#: default for feedback is depth 10, which drops chunks when a burst outruns the client; both the
+#: server and our clients use this profile. Clients of other packages should do the same.
+ACTION_FEEDBACK = TOKEN_STREAM
