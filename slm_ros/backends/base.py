@@ -5,7 +5,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import threading
-from typing import ClassVar, FrozenSet, Iterator, List, Sequence
+from typing import Any, ClassVar, Dict, FrozenSet, Iterator, List, Sequence
 
 from slm_ros.core.session import Message
 from slm_ros.core.types import SamplingParams
@@ -26,6 +26,20 @@ class BackendConfig:
     threads: int = 0              # CPU threads, 0 = library default
 
 
+class Prompt(list):
+    """Token ids of a templated prompt, plus model inputs that are not token ids.
+
+    Text backends return plain lists from :meth:`Backend.apply_chat_template`; vision-language
+    backends return a ``Prompt`` whose ``inputs`` carry what their processor made of the images
+    (e.g. ``pixel_values``), which :meth:`Backend.generate` then passes to the model. ``len()`` is
+    the prompt length in tokens, image tokens included, so context budgeting stays the same.
+    """
+
+    def __init__(self, ids: Sequence[int] = (), inputs: Dict[str, Any] = None) -> None:
+        super().__init__(ids)
+        self.inputs: Dict[str, Any] = dict(inputs or {})
+
+
 class Backend(abc.ABC):
     """A loaded model that turns prompt token ids into a stream of new token ids.
 
@@ -34,6 +48,8 @@ class Backend(abc.ABC):
     """
 
     name: ClassVar[str] = ""
+    #: True for vision-language backends: apply_chat_template accepts images.
+    supports_images: ClassVar[bool] = False
 
     @abc.abstractmethod
     def load(self, config: BackendConfig) -> None:
@@ -50,8 +66,13 @@ class Backend(abc.ABC):
         """Token ids that end a generation."""
 
     @abc.abstractmethod
-    def apply_chat_template(self, messages: List[Message]) -> List[int]:
-        """Token ids of the conversation, ending with the assistant's turn start."""
+    def apply_chat_template(self, messages: List[Message], images: Sequence[Any] = ()) -> List[int]:
+        """Token ids of the conversation, ending with the assistant's turn start.
+
+        ``images`` (RGB uint8 arrays, H x W x 3) belong to the last user message; only backends with
+        ``supports_images`` accept them (others raise :class:`~slm_ros.core.errors.RequestError`).
+        May return a :class:`Prompt` carrying extra model inputs for :meth:`generate`.
+        """
 
     @abc.abstractmethod
     def count_tokens(self, text: str) -> int:

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 from transformers.generation.streamers import BaseStreamer
 
 from slm_ros.backends.base import Backend, BackendConfig
-from slm_ros.core.errors import ConfigError, ModelLoadError
+from slm_ros.core.errors import ConfigError, ModelLoadError, RequestError
 from slm_ros.core.session import Message
 from slm_ros.core.streaming import iterate_in_thread
 from slm_ros.core.types import SamplingParams
@@ -159,7 +159,10 @@ class TransformersBackend(Backend):
     def eos_token_ids(self) -> FrozenSet[int]:
         return self._eos
 
-    def apply_chat_template(self, messages: List[Message]) -> List[int]:
+    def apply_chat_template(self, messages: List[Message], images: Sequence = ()) -> List[int]:
+        if images:
+            raise RequestError(f"model {self._info.get('model', '?')} is a text model and cannot "
+                               f"take images (use the vision node with a vision-language model)")
         ids = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                   return_dict=False)
         if isinstance(ids, dict) or hasattr(ids, "keys"):
