@@ -5,7 +5,7 @@
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${SLM_ROS_VENV:-$here/.venv}"
-dest="$("$venv/bin/python" -c 'import importlib.util,os;print(os.path.dirname(importlib.util.find_spec("slm_ros").origin))' 2>/dev/null || true)"
+dest="$(cd / && "$venv/bin/python" -c 'import importlib.util,os;print(os.path.dirname(importlib.util.find_spec("slm_ros").origin))' 2>/dev/null || true)"
 if [ -z "$dest" ] || [ "$dest" = "$here/slm_ros" ]; then
   echo "dev-sync: slm_ros is not installed in $venv; run scripts/setup.sh first" >&2
   exit 2

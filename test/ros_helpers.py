@@ -21,20 +21,34 @@ from slm_ros.msg import GenerateRequest, TokenChunk
 from slm_ros.ros import qos
 
 
-class NodeProcess:
-    """An installed llm_node started as a subprocess in its own ROS domain, output kept in a log."""
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGKILL when the test process dies, so a killed or timed-out
+    test run never leaves a node behind serving a later run on the same ROS domain."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
-    def __init__(self, domain_id: int, log_path, namespace: str = "/t", **params) -> None:
+
+class NodeProcess:
+    """An installed node (default llm_node) started as a subprocess in its own ROS domain, output
+    kept in a log."""
+
+    def __init__(self, domain_id: int, log_path, namespace: str = "/t",
+                 executable: str = "llm_node", remaps=(), **params) -> None:
         self.namespace = namespace
         self.log_path = log_path
-        cmd = [node_executable("llm_node"), "--ros-args", "-r", f"__ns:={namespace}"]
+        cmd = [node_executable(executable), "--ros-args", "-r", f"__ns:={namespace}"]
+        for remap in remaps:
+            cmd += ["-r", remap]
         for key, value in params.items():
             cmd += ["-p", f"{key}:={value}"]
         env = dict(os.environ, ROS_DOMAIN_ID=str(domain_id),
                    ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST", PYTHONUNBUFFERED="1")
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                     cwd=str(log_path.parent))
+                                     cwd=str(log_path.parent), preexec_fn=_die_with_parent)
 
     def log(self) -> str:
         self._log.flush()

@@ -8,28 +8,37 @@ from typing import Dict, Tuple
 from slm_ros.backends.base import Backend
 from slm_ros.core.errors import BackendUnavailable, ConfigError
 
-# name -> (module, class). Imported lazily: torch / tensorrt_llm are heavy and may be missing.
-_BACKENDS: Dict[str, Tuple[str, str]] = {
-    "transformers": ("slm_ros.backends.transformers_backend", "TransformersBackend"),
+# (modality, name) -> (module, class). Imported lazily: torch / tensorrt_llm are heavy and may be
+# missing on a given machine.
+_BACKENDS: Dict[Tuple[str, str], Tuple[str, str]] = {
+    ("text", "transformers"): ("slm_ros.backends.transformers_backend", "TransformersBackend"),
+    ("text", "tensorrt_llm"): ("slm_ros.backends.tensorrt_llm_backend", "TensorRtLlmBackend"),
+    ("vision", "transformers"): ("slm_ros.backends.transformers_vlm_backend",
+                                 "TransformersVlmBackend"),
 }
 
-
-def available_backends() -> Tuple[str, ...]:
-    """Names accepted by :func:`create_backend`."""
-    return tuple(sorted(_BACKENDS))
+MODALITIES = ("text", "vision")
 
 
-def create_backend(name: str) -> Backend:
-    """Instantiate the backend called ``name`` (not loaded yet).
+def available_backends(modality: str = "text") -> Tuple[str, ...]:
+    """Names accepted by :func:`create_backend` for ``modality`` (text or vision)."""
+    return tuple(sorted(name for (kind, name) in _BACKENDS if kind == modality))
+
+
+def create_backend(name: str, modality: str = "text") -> Backend:
+    """Instantiate the backend called ``name`` for ``modality`` (not loaded yet).
 
     Raises :class:`ConfigError` for an unknown name and :class:`BackendUnavailable`, with the missing
     package in the message, when its libraries cannot be imported here.
     """
+    if modality not in MODALITIES:
+        raise ConfigError(f"unknown modality {modality!r}; expected one of {', '.join(MODALITIES)}")
     try:
-        module_name, class_name = _BACKENDS[name]
+        module_name, class_name = _BACKENDS[(modality, name)]
     except KeyError:
         raise ConfigError(
-            f"unknown backend {name!r}; available: {', '.join(available_backends())}") from None
+            f"unknown {modality} backend {name!r}; available: "
+            f"{', '.join(available_backends(modality))}") from None
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

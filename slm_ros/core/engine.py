@@ -10,6 +10,7 @@ for a bad request and its worker never dies on a failed one.
 from __future__ import annotations
 
 import collections
+import functools
 import dataclasses
 import logging
 import threading
@@ -247,8 +248,12 @@ class Engine:
         if request.reset_session:
             self._sessions.reset(request.session)
         try:
+            template = backend.apply_chat_template
+            if request.image is not None:
+                image = request.image() if callable(request.image) else request.image
+                template = functools.partial(backend.apply_chat_template, images=(image,))
             prompt_ids, _, budget = fit_prompt(
-                backend.apply_chat_template,
+                template,
                 request.system_prompt or self._config.system_prompt,
                 self._sessions.history(request.session),
                 request.prompt, self._context, params.max_new_tokens)

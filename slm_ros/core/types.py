@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 from slm_ros.core.errors import ConfigError, RequestError
 
@@ -114,6 +114,11 @@ class Request:
     system_prompt: str = ""
     reset_session: bool = False
     sampling: SamplingOverrides = dataclasses.field(default_factory=SamplingOverrides)
+    #: For vision-language backends: an image (RGB uint8 array, H x W x 3) or a callable returning
+    #: one, called when inference starts (so the newest camera frame at that moment is used). The
+    #: callable may raise :class:`~slm_ros.core.errors.RequestError` (no frame, frame too old, bad
+    #: image): the request then ends with that error.
+    image: Optional[Any] = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def session(self) -> str:

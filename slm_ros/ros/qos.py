@@ -21,3 +21,14 @@ RESULTS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100,
 #: default for feedback is depth 10, which drops chunks when a burst outruns the client; both the
 #: server and our clients use this profile. Clients of other packages should do the same.
 ACTION_FEEDBACK = TOKEN_STREAM
+
+#: Engine builder status: reliable and transient local with depth 1, so a node that subscribes after
+#: the build finished still gets the last state.
+ENGINE_STATUS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
+                           reliability=ReliabilityPolicy.RELIABLE,
+                           durability=DurabilityPolicy.TRANSIENT_LOCAL)
+
+#: Camera frames: best effort, newest only. A best-effort subscription matches both reliable and
+#: best-effort publishers (drivers use either), and depth 1 keeps only the newest frame.
+CAMERA = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
+                    reliability=ReliabilityPolicy.BEST_EFFORT, durability=DurabilityPolicy.VOLATILE)

@@ -1,0 +1,249 @@
+"""What the LLM and vision nodes share: a lifecycle node holding one model behind an Engine.
+
+``on_configure`` (optionally) waits for the engine builder, resolves the model, creates the backend
+for the node's modality, loads it and warms it up, then calls :meth:`ModelNode.create_interfaces`;
+``on_activate`` starts the engine; ``on_cleanup``/``on_shutdown`` free everything. Subclasses add
+their own topics/actions and parameters. :func:`run` is the shared ``main``.
+"""
+
+from __future__ import annotations
+
+import traceback
+from typing import Dict, Optional, Sequence, Tuple, Type
+
+import rclpy
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+
+from slm_ros.backends.base import Backend, BackendConfig
+from slm_ros.backends.registry import create_backend
+from slm_ros.core.engine import Engine, EngineConfig
+from slm_ros.core.errors import SlmError
+from slm_ros.core.types import SamplingParams
+from slm_ros.models import resolve_model
+from slm_ros.ros.builder_wait import wait_for_engine
+from slm_ros.ros.params import ParamSpec, declare_all, values
+
+_D = SamplingParams()
+
+
+def model_parameters(backends: Sequence[str], default_model: str,
+                     model_help: str) -> Tuple[ParamSpec, ...]:
+    """The parameters every model node declares (backend, model, engine, builder wait)."""
+    return (
+        ParamSpec("backend", "transformers",
+                  f"Model backend: {', '.join(backends)}. Read at configure."),
+        ParamSpec("model", default_model, model_help),
+        ParamSpec("device", "auto", "auto, cpu, cuda or cuda:N. auto = CUDA when available."),
+        ParamSpec("dtype", "auto",
+                  "auto, float32, bfloat16 or float16. auto: GPU bfloat16 (float16 without bf16 "
+                  "support); CPU bfloat16 with native bf16 instructions, else float32 (faster "
+                  "prefill)."),
+        ParamSpec("threads", 0, "CPU threads for the backend; 0 = library default.",
+                  int_range=(0, 256)),
+        ParamSpec("kv_cache_fraction", 0.5,
+                  "tensorrt_llm: fraction of free GPU memory the KV cache may take. The library "
+                  "default 0.9 would starve the CPU side on Jetson (shared memory).",
+                  float_range=(0.05, 0.95)),
+        ParamSpec("system_prompt", "",
+                  "System prompt for requests that bring none; empty = the model's chat-template "
+                  "default."),
+        ParamSpec("default_max_new_tokens", _D.max_new_tokens,
+                  "Tokens generated at most when a request leaves max_new_tokens at 0.",
+                  int_range=(1, 1 << 20)),
+        ParamSpec("default_temperature", _D.temperature,
+                  "Temperature when a request leaves it at 0; 0.0 = greedy decoding.",
+                  float_range=(0.0, 100.0)),
+        ParamSpec("default_top_p", _D.top_p, "top_p when a request leaves it at 0; 1.0 = off.",
+                  float_range=(0.0, 1.0)),
+        ParamSpec("default_top_k", _D.top_k, "top_k when a request leaves it at 0; 0 = off.",
+                  int_range=(0, 1 << 20)),
+        ParamSpec("default_repetition_penalty", _D.repetition_penalty,
+                  "Repetition penalty when a request leaves it at 0; 1.0 = off. Around 1.1 keeps "
+                  "small models from looping.", float_range=(0.0, 10.0)),
+        ParamSpec("default_seed", _D.seed,
+                  "Sampling seed when a request leaves it at 0; 0 = unseeded.",
+                  int_range=(0, (1 << 63) - 1)),
+        ParamSpec("default_stop", [], "Stop strings when a request brings none."),
+        ParamSpec("max_queue", 16,
+                  "Requests that may wait behind the running one; more are refused with a 'queue "
+                  "full' error chunk.", int_range=(0, 4096)),
+        ParamSpec("max_history_turns", 8, "Finished turns kept per chat session; 0 = no history.",
+                  int_range=(0, 1024)),
+        ParamSpec("max_context_tokens", 0,
+                  "Context window used (prompt + answer); 0 = the model's own. History is trimmed "
+                  "oldest-first to fit; a prompt that alone does not fit is refused.",
+                  int_range=(0, 1 << 24)),
+        ParamSpec("wait_for_builder", False,
+                  "Wait at configure for the engine builder's READY status and load the artifact "
+                  "it announces (its backend and path replace `backend` and `model`)."),
+        ParamSpec("builder_status_topic", "engine_status",
+                  "EngineStatus topic of the engine builder (relative to this node's namespace)."),
+        ParamSpec("builder_timeout_s", 3600.0,
+                  "Seconds to wait for the builder before configure fails. Engine builds on an "
+                  "8 GB Orin take tens of minutes.", float_range=(0.0, 86400.0)),
+        ParamSpec("autostart", True,
+                  "Configure and activate on start. False = wait for lifecycle transitions.",
+                  read_only=True),
+    )
+
+
+def engine_config_from_params(p: Dict) -> EngineConfig:
+    """The engine settings from parameter values; raises :class:`SlmError` naming the parameter."""
+    try:
+        defaults = SamplingParams(
+            max_new_tokens=p["default_max_new_tokens"], temperature=p["default_temperature"],
+            top_p=p["default_top_p"], top_k=p["default_top_k"],
+            repetition_penalty=p["default_repetition_penalty"], seed=p["default_seed"],
+            stop=tuple(p["default_stop"]))
+        return EngineConfig(defaults=defaults, system_prompt=p["system_prompt"],
+                            max_queue=p["max_queue"], max_history_turns=p["max_history_turns"],
+                            max_context_tokens=p["max_context_tokens"])
+    except SlmError as exc:
+        raise type(exc)(f"invalid parameter: {exc}") from exc
+
+
+class ModelNode(LifecycleNode):
+    """A lifecycle node serving one model through an :class:`Engine`; see the module docstring."""
+
+    #: "text" or "vision": which backend family :func:`create_backend` picks.
+    modality: str = "text"
+    #: The node's parameter table (subclasses extend :func:`model_parameters`).
+    PARAMETERS: Tuple[ParamSpec, ...] = ()
+    #: What the node serves once active (for the log line "active: serving ...").
+    serves: str = "requests"
+
+    def __init__(self, node_name: str, **kwargs) -> None:
+        super().__init__(node_name, **kwargs)
+        declare_all(self, self.PARAMETERS)
+        self._backend: Optional[Backend] = None
+        self._engine: Optional[Engine] = None
+        self._entities = []
+
+    @property
+    def autostart(self) -> bool:
+        return bool(self.get_parameter("autostart").value)
+
+    def params(self) -> Dict:
+        return values(self, self.PARAMETERS)
+
+    # -- subclass hooks ------------------------------------------------------------------------
+
+    def create_interfaces(self) -> None:
+        """Create topics/actions (called at the end of a successful configure)."""
+
+    def destroy_interfaces(self) -> None:
+        """Destroy what :meth:`create_interfaces` made that is not in ``self._entities``."""
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Load the model. FAILURE (logged with the reason) leaves the node unconfigured."""
+        log = self.get_logger()
+        try:
+            return self._configure(log)
+        except Exception as exc:  # noqa: BLE001 - rclpy drops transition exceptions silently
+            log.error(f"configure failed unexpectedly: {type(exc).__name__}: {exc}\n"
+                      f"{traceback.format_exc()}")
+            self._release()
+            return TransitionCallbackReturn.ERROR
+
+    def _configure(self, log) -> TransitionCallbackReturn:
+        p = self.params()
+        try:
+            engine_config = engine_config_from_params(p)
+            backend_name, model = p["backend"], p["model"]
+            if p["wait_for_builder"]:
+                status = wait_for_engine(self.context, self.get_namespace(),
+                                         p["builder_status_topic"], p["builder_timeout_s"],
+                                         log.info, node_name=f"{self.get_name()}_engine_wait")
+                backend_name, model = status.backend, status.artifact_path
+            resolved = resolve_model(model, progress=log.info)
+            backend = create_backend(backend_name, self.modality)
+            log.info(f"loading {resolved.name} with backend {backend_name} ...")
+            backend.load(BackendConfig(
+                model=resolved.path, device=p["device"], dtype=p["dtype"],
+                max_context_tokens=engine_config.max_context_tokens, threads=p["threads"],
+                **_optional_backend_fields(p)))
+            backend.warmup()
+        except SlmError as exc:
+            log.error(f"configure failed: {exc}")
+            return TransitionCallbackReturn.FAILURE
+        self._backend = backend
+        self._engine = Engine(backend, engine_config, logger=log)
+        self.create_interfaces()
+        info = backend.describe()
+        log.info(f"configured: {resolved.name} ({info.get('parameters', 0) / 1e6:.0f} M parameters)"
+                 f" on {info.get('device', '?')} {info.get('dtype', '')}, context "
+                 f"{self._engine.context_tokens} tokens, max_queue {engine_config.max_queue}")
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._engine.start()
+        self.get_logger().info(f"active: serving {self.serves}")
+        return super().on_activate(state)
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._engine.stop("the node was deactivated")
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._release()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._release()
+        return TransitionCallbackReturn.SUCCESS
+
+    def _release(self) -> None:
+        """Stop serving and free the model (idempotent)."""
+        if self._engine is not None:
+            self._engine.stop("the node is shutting down")
+            self._engine = None
+        self.destroy_interfaces()
+        for entity in self._entities:
+            if hasattr(entity, "topic_name") and hasattr(entity, "publish"):
+                self.destroy_publisher(entity)
+            elif hasattr(entity, "timer_period_ns"):
+                self.destroy_timer(entity)
+            else:
+                self.destroy_subscription(entity)
+        self._entities = []
+        if self._backend is not None:
+            self._backend.close()
+            self._backend = None
+
+
+def _optional_backend_fields(p: Dict) -> Dict:
+    """BackendConfig fields that only some versions of the config carry."""
+    import dataclasses
+    names = {f.name for f in dataclasses.fields(BackendConfig)}
+    return {"kv_cache_fraction": p["kv_cache_fraction"]} if "kv_cache_fraction" in names else {}
+
+
+def run(node_cls: Type[ModelNode], args=None, extra_threads: int = 4) -> int:
+    """``main`` of a model node: build, autostart, spin, shut down."""
+    rclpy.init(args=args)
+    node = node_cls()
+    # Each running goal waits on a thread while the engine streams; size the pool for a full queue.
+    threads = int(node.get_parameter("max_queue").value) + extra_threads
+    executor = MultiThreadedExecutor(num_threads=threads)
+    executor.add_node(node)
+    try:
+        if node.autostart:
+            if node.trigger_configure() == TransitionCallbackReturn.SUCCESS:
+                node.trigger_activate()
+            else:
+                node.get_logger().error(
+                    f"not serving: configure failed (see above); fix the parameters and trigger "
+                    f"configure again, e.g. `ros2 lifecycle set {node.get_fully_qualified_name()} "
+                    f"configure`")
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        node._release()
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
