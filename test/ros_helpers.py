@@ -191,3 +191,21 @@ def assert_stream_ok(chunks: List[TokenChunk]) -> str:
     assert len(finals) == 1 and chunks[-1].is_final, "exactly one final chunk, last"
     assert finals[0].finish_reason in ("stop", "length", "cancelled", "error")
     return "".join(c.text for c in chunks)
+
+
+def assert_feedback_ok(feedback: List[TokenChunk], result_text: str) -> None:
+    """Action feedback as a client sees it: seq 0.. without gaps and a prefix of the result text.
+
+    rclpy's ActionClient drops feedback that arrives after the goal's result (it removes the goal's
+    feedback callback then), and feedback (a topic) may be overtaken by the result (a service
+    reply): the last chunks, the final one included, can be missing. The result carries the whole
+    answer; the ``tokens`` topic carries every chunk.
+    """
+    seqs = [c.seq for c in feedback]
+    assert seqs == list(range(len(feedback))), f"seq not gapless: {seqs}"
+    finals = [c for c in feedback if c.is_final]
+    assert len(finals) <= 1 and (not finals or feedback[-1].is_final)
+    text = "".join(c.text for c in feedback)
+    assert result_text.startswith(text), (text, result_text)
+    if finals:
+        assert text == result_text

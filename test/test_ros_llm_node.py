@@ -6,7 +6,7 @@ import uuid
 import pytest
 from std_msgs.msg import String
 
-from ros_helpers import LlmClient, NodeProcess, assert_stream_ok, wait_future
+from ros_helpers import LlmClient, NodeProcess, assert_feedback_ok, assert_stream_ok, wait_future
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +45,15 @@ def test_action_feedback_and_result(node_and_client):
     feedback = []
     handle = client.send_goal("Describe the room", feedback, max_new_tokens=30, top_k=1)
     result = wait_future(handle.get_result_async()).result
-    # The result (a service response) may overtake the last feedback messages (a topic).
-    assert client.wait_for(lambda: any(c.is_final for c in feedback), 10)
     assert result.finish_reason in ("length", "stop")
-    assert result.text == assert_stream_ok(feedback)
+    assert_feedback_ok(feedback, result.text)
     assert feedback[-1].request_id == result.request_id
-    assert result.stats.completion_tokens == sum(len(c.token_ids) for c in feedback)
+    assert result.stats.completion_tokens >= sum(len(c.token_ids) for c in feedback)
+    # Every chunk, the final one included, is on the tokens topic.
+    assert client.wait_for(lambda: any(c.is_final for c in client.chunks[result.request_id]), 10)
+    assert assert_stream_ok(client.chunks[result.request_id]) == result.text
+    assert result.stats.completion_tokens == sum(
+        len(c.token_ids) for c in client.chunks[result.request_id])
 
 
 def test_action_cancel_mid_stream(node_and_client):
@@ -63,8 +66,7 @@ def test_action_cancel_mid_stream(node_and_client):
     assert response.result.finish_reason == "cancelled"
     assert response.status == 5  # GoalStatus.STATUS_CANCELED
     assert response.result.stats.completion_tokens < 3000
-    assert client.wait_for(lambda: any(c.is_final for c in feedback), 10)
-    assert_stream_ok(feedback)
+    assert_feedback_ok(feedback, response.result.text)
 
 
 def test_cancel_topic_mid_stream(node_and_client):

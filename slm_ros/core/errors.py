@@ -17,6 +17,10 @@ class RequestError(SlmError):
     """A generation request is invalid; the request gets a final error chunk with this message."""
 
 
+class ImageError(RequestError):
+    """An image cannot be used: bad size or step, unknown encoding, corrupt JPEG/PNG, no frame."""
+
+
 class ModelLoadError(SlmError):
     """A model checkpoint could not be found, prepared or loaded."""
 

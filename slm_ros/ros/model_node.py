@@ -135,6 +135,14 @@ class ModelNode(LifecycleNode):
     def destroy_interfaces(self) -> None:
         """Destroy what :meth:`create_interfaces` made that is not in ``self._entities``."""
 
+    def backend_config(self, backend_name: str, model_path: str, p: Dict,
+                       engine_config: EngineConfig) -> BackendConfig:
+        """What the backend loads with; subclasses add backend-specific settings."""
+        return BackendConfig(
+            model=model_path, device=p["device"], dtype=p["dtype"],
+            max_context_tokens=engine_config.max_context_tokens, threads=p["threads"],
+            **_optional_backend_fields(p))
+
     # -- lifecycle -----------------------------------------------------------------------------
 
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -161,10 +169,7 @@ class ModelNode(LifecycleNode):
             resolved = resolve_model(model, progress=log.info)
             backend = create_backend(backend_name, self.modality)
             log.info(f"loading {resolved.name} with backend {backend_name} ...")
-            backend.load(BackendConfig(
-                model=resolved.path, device=p["device"], dtype=p["dtype"],
-                max_context_tokens=engine_config.max_context_tokens, threads=p["threads"],
-                **_optional_backend_fields(p)))
+            backend.load(self.backend_config(backend_name, resolved.path, p, engine_config))
             backend.warmup()
         except SlmError as exc:
             log.error(f"configure failed: {exc}")
