@@ -3,6 +3,10 @@
     slm-ros demo ["prompt"]      start an LLM node (embedded model), ask it one question, stop it
     slm-ros up [--model M]       run an LLM node in the foreground (namespace /slm)
     slm-ros ask "prompt"         stream an answer from a running node, then TTFT and tokens/s
+    slm-ros look "question" [--image F]
+                                 ask the running vision node about its camera (or an image file)
+    slm-ros build --model M ...  build (or find in the cache) the artifact a backend runs fastest
+    slm-ros plan --model M ...   print the memory plan of a model on one or all device profiles
 
 ``ask`` is a real ROS client of the ``generate`` action. Unless the environment says otherwise, the CLI
 keeps DDS discovery on this machine (ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST); export
@@ -12,6 +16,7 @@ ROS_AUTOMATIC_DISCOVERY_RANGE=SUBNET to reach nodes on other machines.
 from __future__ import annotations
 
 import argparse
+import array
 import os
 import signal
 import subprocess
@@ -105,15 +110,12 @@ def ask(prompt: str, namespace: str = DEFAULT_NAMESPACE, session: str = "", syst
         t0 = time.monotonic()
         first = []
         printed = []
-        final_seen = []
 
         def on_feedback(feedback) -> None:
             chunk = feedback.feedback.chunk
             if not first and chunk.text:
                 first.append(time.monotonic())
             printed.append(chunk.text)
-            if chunk.is_final:
-                final_seen.append(True)
             out.write(chunk.text)
             out.flush()
 
@@ -127,11 +129,8 @@ def ask(prompt: str, namespace: str = DEFAULT_NAMESPACE, session: str = "", syst
             handle.cancel_goal_async()
             rclpy.spin_until_future_complete(node, result_future, timeout_sec=5.0)
         result = result_future.result().result
-        # The result is a service reply and may overtake the last feedback messages; wait briefly
-        # for the final chunk, then print whatever of the answer the feedback did not carry.
-        deadline = time.monotonic() + 2.0
-        while not final_seen and time.monotonic() < deadline:
-            rclpy.spin_once(node, timeout_sec=0.05)
+        # The result (a service reply) may overtake the last feedback messages, and rclpy drops
+        # feedback that arrives after the result: print what the feedback did not carry.
         shown = "".join(printed)
         if result.text.startswith(shown):
             out.write(result.text[len(shown):])
@@ -176,6 +175,217 @@ def demo(args) -> int:
     return code
 
 
+def look(question: str, namespace: str = DEFAULT_NAMESPACE, image_path: str = "",
+         session: str = "", sampling: Optional[dict] = None, wait_s: float = 30.0,
+         out=sys.stdout) -> int:
+    """Ask the vision node's ``ask`` action; stream the answer; say which frame was looked at."""
+    _keep_discovery_local()
+    image = None
+    if image_path:
+        import cv2
+        bgr = cv2.imread(image_path, cv2.IMREAD_COLOR)
+        if bgr is None:
+            print(f"slm-ros: cannot read image {image_path!r} (missing, or not an image OpenCV "
+                  f"can decode)", file=sys.stderr)
+            return 2
+        image = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    import rclpy
+    from rclpy.action import ActionClient
+
+    from slm_ros.action import AskImage
+    from slm_ros.ros import qos
+
+    rclpy.init()
+    node = rclpy.create_node("slm_ros_look", namespace=namespace)
+    try:
+        client = ActionClient(node, AskImage, "ask", feedback_sub_qos_profile=qos.ACTION_FEEDBACK)
+        if not client.wait_for_server(timeout_sec=wait_s):
+            print(f"slm-ros: no vision node answers at {namespace.rstrip('/')}/ask after "
+                  f"{wait_s:.0f} s; start one with `slm-ros up --vision`", file=sys.stderr)
+            return 2
+        goal = AskImage.Goal(question=question, session_id=session)
+        for key, value in (sampling or {}).items():
+            setattr(goal.sampling, key, value)
+        if image is not None:
+            goal.image.height, goal.image.width = image.shape[:2]
+            goal.image.encoding, goal.image.step = "rgb8", image.shape[1] * 3
+            # array('B') is rclpy's fast path for uint8[] (bytes is checked element-wise).
+            goal.image.data = array.array("B", image.tobytes())
+            goal.image.header.frame_id = image_path
+        printed = []
+
+        def on_feedback(feedback) -> None:
+            printed.append(feedback.feedback.chunk.text)
+            out.write(feedback.feedback.chunk.text)
+            out.flush()
+
+        send = client.send_goal_async(goal, feedback_callback=on_feedback)
+        rclpy.spin_until_future_complete(node, send)
+        result_future = send.result().get_result_async()
+        try:
+            rclpy.spin_until_future_complete(node, result_future)
+        except KeyboardInterrupt:
+            send.result().cancel_goal_async()
+            rclpy.spin_until_future_complete(node, result_future, timeout_sec=5.0)
+        answer = result_future.result().result.answer
+        shown = "".join(printed)
+        if answer.text.startswith(shown):
+            out.write(answer.text[len(shown):])
+        out.write("\n")
+        stamp = answer.header.stamp.sec + answer.header.stamp.nanosec * 1e-9
+        print(f"[{answer.finish_reason}] frame {answer.header.frame_id or '-'} @ {stamp:.3f} "
+              f"(age {answer.frame_age_ms:.0f} ms), {answer.stats.completion_tokens} tokens, TTFT "
+              f"{answer.stats.time_to_first_token_ms:.0f} ms", file=sys.stderr)
+        if answer.finish_reason == "error":
+            print(f"slm-ros: error: {answer.error}", file=sys.stderr)
+            return 1
+        return 0
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown()
+
+
+def _spec_from_args(args):
+    from slm_ros.build.spec import BuildSpec
+    from slm_ros.models import resolve_model
+    resolved = resolve_model(args.model, progress=lambda m: print(f"[slm-ros] {m}",
+                                                                 file=sys.stderr))
+    return BuildSpec(model=resolved.path, backend=args.backend, quantization=args.quantization,
+                     dtype=args.dtype, device=args.device, max_input_len=args.max_input_len,
+                     max_seq_len=args.max_seq_len, max_batch_size=args.max_batch_size,
+                     calib_dataset=args.calib_dataset)
+
+
+class _ProgressBar:
+    """A one-line progress bar on stderr: phase, bar, percent."""
+
+    def __init__(self, stream=sys.stderr, width: int = 30) -> None:
+        self._stream, self._width, self._phase = stream, width, ""
+
+    def __call__(self, phase: str, fraction: float) -> None:
+        fraction = min(max(fraction, 0.0), 1.0)
+        filled = int(round(fraction * self._width))
+        if phase != self._phase and self._phase:
+            self._stream.write("\n")
+        self._phase = phase
+        self._stream.write(f"\r{phase:<10} [{'#' * filled}{'.' * (self._width - filled)}] "
+                           f"{fraction:6.1%}")
+        self._stream.flush()
+
+    def close(self) -> None:
+        if self._phase:
+            self._stream.write("\n")
+
+
+def build(args) -> int:
+    """Build (or reuse from the cache) an artifact in this process, with a progress bar."""
+    import json
+
+    from slm_ros.build.builder import Builder
+    from slm_ros.build.device import preset
+    from slm_ros.core.errors import SlmError
+
+    bar = _ProgressBar()
+    try:
+        spec = _spec_from_args(args)
+        builder = Builder(cache_root=args.cache_dir or None,
+                          max_cache_bytes=int(args.max_cache_gb * (1 << 30)),
+                          device_profile=preset(args.profile) if args.profile else None,
+                          check_memory=not args.no_memory_check)
+        t0 = time.monotonic()
+        result = builder.build(spec, progress=bar, force=args.force)
+    except SlmError as exc:
+        bar.close()
+        print(f"slm-ros build: FAILED: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        bar.close()
+        print("slm-ros build: interrupted; nothing was published", file=sys.stderr)
+        return 130
+    bar.close()
+    took = time.monotonic() - t0
+    print(f"[slm-ros] {'cache hit' if result.cache_hit else 'built'} in {took:.1f} s "
+          f"({result.reason}); key {result.key}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"key": result.key, "path": str(result.path), "cache_hit":
+                          result.cache_hit, "seconds": took, "manifest": result.manifest},
+                         indent=2, sort_keys=True))
+    else:
+        print(result.path)
+    return 0
+
+
+def plan(args) -> int:
+    """Print the memory plan of a model for one device profile or all of them."""
+    import json
+
+    from slm_ros.build.builder import inspect_checkpoint
+    from slm_ros.build.device import PRESETS, detect_profile, preset
+    from slm_ros.build.planner import plan_memory
+    from slm_ros.core.errors import SlmError
+
+    try:
+        if args.config:
+            config = json.loads(Path(args.config).read_text())
+            name = Path(args.config).parent.name or args.config
+        else:
+            from slm_ros.models import resolve_model
+            checkpoint = inspect_checkpoint(resolve_model(args.model).path)
+            config, name = checkpoint.config, Path(checkpoint.path).name
+        if args.profile == "all":
+            profiles = list(PRESETS.values())
+        elif args.profile:
+            profiles = [preset(args.profile)]
+        else:
+            profiles = [detect_profile("cuda" if args.backend == "tensorrt_llm" else "cpu")]
+        plans = [plan_memory(config, profile, backend=args.backend,
+                             quantization=args.quantization, dtype=args.dtype,
+                             max_input_len=args.max_input_len, max_seq_len=args.max_seq_len,
+                             max_batch_size=args.max_batch_size, name=name)
+                 for profile in profiles]
+    except (SlmError, OSError, ValueError) as exc:
+        print(f"slm-ros plan: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps([p.as_dict() for p in plans], indent=2, sort_keys=True, default=str))
+    else:
+        for p in plans:
+            print(p.summary())
+            print()
+    return 0 if all(p.fits for p in plans) else 3
+
+
+def _build_args(parser: argparse.ArgumentParser, for_plan: bool = False) -> None:
+    parser.add_argument("--model", default="default",
+                        help="'default' (embedded SmolLM2-135M-Instruct), a checkpoint dir or a .gguf")
+    parser.add_argument("--backend", default="transformers",
+                        help="transformers or tensorrt_llm")
+    parser.add_argument("--quantization", default="none",
+                        help="transformers: none | int8_dynamic; tensorrt_llm: w4a16_awq | w4a16 | "
+                             "w8a16 | w8a8_sq | fp16 | bf16")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--max-input-len", type=int, default=2048)
+    parser.add_argument("--max-seq-len", type=int, default=4096)
+    parser.add_argument("--max-batch-size", type=int, default=1)
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    if for_plan:
+        parser.add_argument("--config", help="plan from a config.json instead of a checkpoint")
+        parser.add_argument("--profile", default="",
+                            help="device profile (e.g. orin-nano-8gb), 'all', or empty = this "
+                                 "machine")
+        return
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--calib-dataset", default="",
+                        help="local calibration data for w4a16_awq / w8a8_sq (never downloaded)")
+    parser.add_argument("--cache-dir", default="", help="artifact cache root")
+    parser.add_argument("--max-cache-gb", type=float, default=0.0)
+    parser.add_argument("--profile", default="", help="memory profile to check against "
+                                                      "(e.g. orin-nano-8gb); empty = this machine")
+    parser.add_argument("--no-memory-check", action="store_true",
+                        help="build even when the planner says it does not fit")
+    parser.add_argument("--force", action="store_true", help="rebuild even on a cache hit")
+
+
 def _sampling(args) -> dict:
     return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
             "top_p": args.top_p, "top_k": args.top_k,
@@ -207,7 +417,28 @@ def main(argv: Optional[List[str]] = None) -> int:
     _node_args(p)
     _sampling_args(p)
 
+    p = sub.add_parser("look", help="ask the running vision node about its camera or an image")
+    p.add_argument("question")
+    p.add_argument("--image", default="", help="image file to ask about instead of the camera")
+    p.add_argument("--namespace", default=DEFAULT_NAMESPACE)
+    p.add_argument("--session", default="")
+    p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the node")
+    _sampling_args(p)
+
+    p = sub.add_parser("build", help="build or reuse a cached artifact for a backend")
+    _build_args(p)
+
+    p = sub.add_parser("plan", help="memory plan of a model on device profiles")
+    _build_args(p, for_plan=True)
+
     args = parser.parse_args(argv)
+    if args.command == "look":
+        return look(args.question, args.namespace, args.image, args.session, _sampling(args),
+                    args.wait)
+    if args.command == "build":
+        return build(args)
+    if args.command == "plan":
+        return plan(args)
     if args.command == "ask":
         return ask(args.prompt, args.namespace, args.session, args.system, args.reset,
                    _sampling(args), args.wait)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parent.parent / "slm_ros"
 ROS_FREE = [*sorted((PKG / "core").rglob("*.py")), *sorted((PKG / "backends").rglob("*.py")),
-            PKG / "models.py"]
+            *sorted((PKG / "build").rglob("*.py")), PKG / "models.py"]
 FORBIDDEN = ("rclpy", "slm_ros.msg", "slm_ros.action", "slm_ros.ros", "slm_ros.nodes", "std_msgs",
              "sensor_msgs", "rcl_interfaces", "launch")
 
@@ -30,7 +30,8 @@ def test_core_sources_do_not_import_ros():
 
 def test_core_runs_without_loading_rclpy():
     code = ("import sys, slm_ros.core.engine, slm_ros.core.session, slm_ros.models, "
-            "slm_ros.backends.registry, slm_ros.backends.transformers_backend; "
+            "slm_ros.backends.registry, slm_ros.backends.transformers_backend, slm_ros.build.builder, "
+            "slm_ros.core.vision; "
             "print(sorted(m for m in sys.modules if m.startswith(('rclpy', 'slm_ros.msg'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/",
                          check=True).stdout.strip()

@@ -24,6 +24,9 @@ class BackendConfig:
     dtype: str = "auto"
     max_context_tokens: int = 0   # 0 = the model's own limit
     threads: int = 0              # CPU threads, 0 = library default
+    #: tensorrt_llm only: fraction of free GPU memory the KV cache may take. TensorRT-LLM's own default
+    #: (0.9) would take nearly all of a Jetson's memory, which the GPU shares with the CPU and ROS.
+    kv_cache_fraction: float = 0.5
 
 
 class Prompt(list):

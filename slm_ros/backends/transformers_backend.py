@@ -129,6 +129,10 @@ class TransformersBackend(Backend):
         except (OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:
             raise ModelLoadError(f"transformers could not load {config.model!r}: {exc}") from exc
         model.to(device).eval()
+        if device == "cpu":
+            # Artifacts of the engine builder may ask for load-time steps (int8_dynamic).
+            from slm_ros.build.transformers_step import apply_load_options
+            model = apply_load_options(model, config.model)
         if not getattr(tokenizer, "chat_template", None):
             tokenizer.chat_template = _FALLBACK_TEMPLATE
         eos = set()

@@ -14,8 +14,9 @@ from typing import Any, Callable, Dict, Protocol
 
 from slm_ros.core.errors import ConfigError, SlmError
 
-#: progress(phase, fraction): phase is a short word (hash, plan, load, quantize, compile, save,
-#: publish, ...); fraction is 0..1 over the whole build.
+#: progress(phase, fraction): phase is a short word (hash, plan, wait, load, quantize, compile, save,
+#: publish, done); fraction is 0..1 over the whole build, never decreasing. A step's ``build`` gets a
+#: ProgressFn too, and reports 0..1 over *its own* work: the builder maps that into the whole build.
 ProgressFn = Callable[[str, float], None]
 
 
@@ -65,7 +66,12 @@ class BuildSpec:
 
 
 class BuildStep(Protocol):
-    """A backend's build step. Implementations live in ``slm_ros/build/<backend>_step.py``."""
+    """A backend's build step. Implementations live in ``slm_ros/build/<backend>_step.py``.
+
+    Optional hook: a step may define ``key_fields(spec) -> Dict[str, Any]`` returning the subset of
+    :meth:`BuildSpec.key_fields` its artifact depends on (the transformers step drops the token
+    limits, which it does not bake in); without it every key field counts.
+    """
 
     #: The backend name this step builds for (``transformers``, ``tensorrt_llm``).
     backend: str
@@ -83,4 +89,6 @@ class BuildStep(Protocol):
     def build(self, spec: BuildSpec, out_dir: Path, progress: ProgressFn,
               cancel: threading.Event) -> Dict[str, Any]:
         """Build the artifact into ``out_dir`` (an empty temporary directory). Return extra facts for
-        the manifest. Check ``cancel`` between phases and raise BuildCancelled when it is set."""
+        the manifest (JSON-serializable). Check ``cancel`` between phases and raise BuildCancelled
+        when it is set. ``progress`` fractions are 0..1 over this step's work. Raise BuildError
+        naming the file or field for a bad checkpoint; the builder publishes nothing on any error."""

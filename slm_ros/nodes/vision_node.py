@@ -58,6 +58,11 @@ PARAMETERS = model_parameters(
     ParamSpec("resize_policy", "downscale",
               f"How frames are fitted: {', '.join(FIT_POLICIES)}. pad_square keeps the whole field "
               f"of view for processors that centre-crop."),
+    ParamSpec("camera_qos", "best_effort",
+              "best_effort: matches reliable and best-effort camera publishers. reliable: only "
+              "reliable publishers, but no large frame is lost to a dropped UDP fragment (measured "
+              "on loopback at 640x480 rgb8 30 Hz: 13 vs 30 frames/s received).",
+              read_only=True),
     ParamSpec("max_frame_age_ms", 1000.0,
               "Refuse to answer on a frame that arrived longer ago than this (the camera stopped?); "
               "0 = any age.", float_range=(0.0, 3.6e6)),
@@ -101,19 +106,21 @@ class VisionNode(ModelNode):
         self._last_periodic_frame = None
         self._last_bad_log = 0.0
         self.frames_received = 0
+        self.frames_decoded = 0
 
     # -- interfaces --------------------------------------------------------------------------------
 
     def create_interfaces(self) -> None:
         p = self.params()
+        camera = qos.CAMERA_RELIABLE if p["camera_qos"] == "reliable" else qos.CAMERA
         self._tokens_pub = self.create_publisher(TokenChunk, "answer_tokens", qos.TOKEN_STREAM)
         self._answer_pub = self.create_publisher(VisionAnswer, "answer", qos.RESULTS)
         self._entities = [
             self._tokens_pub, self._answer_pub,
-            self.create_subscription(Image, "image", self._on_image, qos.CAMERA,
+            self.create_subscription(Image, "image", self._on_image, camera,
                                      callback_group=self._camera_group),
             self.create_subscription(CompressedImage, "image/compressed", self._on_compressed,
-                                     qos.CAMERA, callback_group=self._camera_group),
+                                     camera, callback_group=self._camera_group),
             self.create_subscription(String, "question", self._on_question, qos.COMMANDS,
                                      callback_group=self._command_group),
         ]
@@ -127,6 +134,9 @@ class VisionNode(ModelNode):
             feedback_pub_qos_profile=qos.ACTION_FEEDBACK)
 
     def destroy_interfaces(self) -> None:
+        if self._entities:
+            self.get_logger().info(f"camera: {self.frames_received} frames received, "
+                                   f"{self.frames_decoded} decoded")
         if self._action_server is not None:
             self._action_server.destroy()
             self._action_server = None
@@ -141,6 +151,9 @@ class VisionNode(ModelNode):
                                   "model directory (e.g. SmolVLM-256M-Instruct; see README)")
             check_fit(p["resize_policy"], p["image_max_side"])
             _processor_options(p["processor_options"])
+            if p["camera_qos"] not in ("best_effort", "reliable"):
+                raise ConfigError(f"camera_qos must be best_effort or reliable, got "
+                                  f"{p['camera_qos']!r}")
         except ConfigError as exc:
             log.error(f"configure failed: invalid parameter: {exc}")
             return TransitionCallbackReturn.FAILURE
@@ -199,6 +212,7 @@ class VisionNode(ModelNode):
                 frame = self._wait_for_frame(p["no_frame_timeout_s"])
                 frame = self._slot.take(p["max_frame_age_ms"] / 1000.0)
             record["frame"] = frame
+            self.frames_decoded += 1
             now_ns = self.get_clock().now().nanoseconds
             record["age_ms"] = ((now_ns - frame.stamp_ns) / 1e6 if frame.stamp_ns
                                 else (time.monotonic() - frame.received_monotonic) * 1e3)

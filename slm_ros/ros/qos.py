@@ -32,3 +32,11 @@ ENGINE_STATUS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
 #: best-effort publishers (drivers use either), and depth 1 keeps only the newest frame.
 CAMERA = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
                     reliability=ReliabilityPolicy.BEST_EFFORT, durability=DurabilityPolicy.VOLATILE)
+
+#: Camera frames from a reliable publisher only (``camera_qos: reliable``): depth 1, reliable. Large
+#: best-effort samples (a 640x480 rgb8 frame is 900 KB, dozens of UDP fragments) are dropped whole
+#: when one fragment is lost; measured here on loopback: 13 of 30 frames/s arrive best-effort, 30 of
+#: 30 reliable.
+CAMERA_RELIABLE = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
+                             reliability=ReliabilityPolicy.RELIABLE,
+                             durability=DurabilityPolicy.VOLATILE)

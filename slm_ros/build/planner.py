@@ -1,0 +1,465 @@
+"""Memory planner: will this model, quantized this way, with these limits, fit this device?
+
+ROS-free, no heavy imports: it works from a ``config.json`` dict, so it can answer before any weight is
+read -- and before a build that would run an 8 GB Orin Nano out of memory (the failure Jetson users
+report most). Every number is an estimate; the assumptions are listed here and in
+:attr:`MemoryPlan.assumptions`:
+
+* **Weights.** Parameters are counted from the architecture (decoder-only transformers: embedding,
+  per-layer attention and MLP matrices, norms, biases, lm_head). Linear weights take the scheme's bits
+  plus its scales: per output channel (fp16 scale) for weight-only int8/int4, per group of 128 input
+  weights for AWQ/GPTQ (fp16 scale, GPTQ also a zero point), per tensor for FP8 and CPU dynamic int8.
+  Embeddings stay at the activation dtype. The lm_head stays at the activation dtype for TensorRT-LLM
+  (its weight-only and AWQ recipes exclude it) and is quantized by CPU ``int8_dynamic`` (it is an
+  ``nn.Linear``). With tied embeddings TensorRT-LLM engines hold a second copy for the lm_head; the
+  transformers backend shares one tensor (unless ``int8_dynamic`` quantizes the lm_head copy).
+* **KV cache.** ``2 x layers x kv_heads x head_dim x max_seq_len x max_batch_size x kv bytes``, the
+  KV dtype being the activation dtype unless an int8/fp8 KV cache is asked for.
+* **Activations (rough).** The context phase of a full batch: ``max_batch_size x max_input_len``
+  tokens, each holding about ``2 x hidden + (heads + 2 x kv_heads) x head_dim + 2 x intermediate``
+  values at the activation dtype (residual, normed input, q/k/v, gate and up projections), plus fp32
+  logits for one position per sequence. Attention is assumed fused (TensorRT-LLM context FMHA,
+  PyTorch SDPA): no ``seq x seq`` score matrix.
+* **Runtime overhead.** A process running TensorRT-LLM or PyTorch on a GPU: 1 GiB (CUDA context with
+  lazy module loading, cuBLAS/cuBLASLt and TensorRT workspaces, the Python interpreter with torch
+  imported); PyTorch on a CPU: 0.5 GiB (importing torch + transformers measured 0.25 GiB RSS on
+  x86-64, plus tokenizer, allocator slack and generate buffers).
+* **Reserve.** What the device profile keeps for the OS and ROS (see :mod:`slm_ros.build.device`):
+  on Jetson the GPU shares memory with the CPU, so the model competes with everything else.
+* **Build peak.** TensorRT-LLM: the larger of checkpoint conversion (the Hugging Face model at its
+  checkpoint dtype + the converted weights + 0.5 GiB Python; calibrated schemes -- AWQ, SmoothQuant,
+  FP8 -- also hold an fp16 copy on the GPU plus ~1 GiB of calibration activations and a CUDA context)
+  and the engine build (the network's weights + the serialized engine copy + ~1 GiB builder workspace +
+  CUDA/TensorRT overhead), i.e. about 3-4 bytes per parameter for fp16, in line with what Jetson users
+  report. transformers: the model at the target dtype x 1.5 (serializing touches every page; 1.2x
+  measured on SmolLM2-135M) + 0.5 GiB, plus the dequantized fp32 model when the source is a GGUF file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+from slm_ros.build.device import GiB, DeviceProfile
+from slm_ros.build.spec import BuildError
+
+
+class ArchitectureUnknown(BuildError):
+    """config.json lacks a number the planner needs (the message names the field)."""
+
+
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "fp8": 1}
+_DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16",
+                  "bf16": "bfloat16", "int8": "int8", "fp8": "fp8", "float8": "fp8"}
+
+
+def normalize_dtype(name: str) -> str:
+    """``fp16`` → ``float16`` etc.; ``auto`` and ``""`` stay as they are."""
+    name = (name or "").strip().lower().replace("torch.", "")
+    return _DTYPE_ALIASES.get(name, name)
+
+
+def dtype_bytes(name: str) -> int:
+    """Bytes per element of a (normalized or aliased) dtype name."""
+    norm = normalize_dtype(name)
+    try:
+        return _DTYPE_BYTES[norm]
+    except KeyError:
+        raise BuildError(f"unknown dtype {name!r}; known: {', '.join(_DTYPE_BYTES)}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Scheme:
+    """How a quantization stores linear weights (see the module docstring for the assumptions)."""
+
+    name: str
+    #: Bits per linear weight; 0 = the activation dtype (no quantization).
+    weight_bits: int
+    #: Scale granularity: ``channel`` (one per output row), ``group`` (one per 128 inputs of a row),
+    #: ``tensor`` (one per matrix).
+    granularity: str = "channel"
+    scale_bytes: int = 2
+    zero_points: bool = False
+    quantizes_lm_head: bool = False
+    #: Needs calibration data (and a full fp16 model in memory while calibrating).
+    calibration: bool = False
+    description: str = ""
+
+
+GROUP_SIZE = 128
+
+SCHEMES: Dict[str, Scheme] = {s.name: s for s in (
+    Scheme("none", 0, description="weights at the activation dtype"),
+    Scheme("w8a16", 8, description="int8 weight-only, per-channel fp16 scales (TensorRT-LLM)"),
+    Scheme("w4a16", 4, description="int4 weight-only, per-channel fp16 scales (TensorRT-LLM)"),
+    Scheme("w4a16_awq", 4, "group", calibration=True,
+           description="int4 AWQ, fp16 scales per group of 128 (TensorRT-LLM / ModelOpt)"),
+    Scheme("w4a16_gptq", 4, "group", zero_points=True,
+           description="int4 GPTQ, fp16 scale + zero per group of 128 (pre-quantized checkpoint)"),
+    Scheme("w8a8", 8, scale_bytes=4, calibration=True,
+           description="int8 SmoothQuant weights and activations, fp32 per-channel scales"),
+    Scheme("fp8", 8, "tensor", scale_bytes=4, calibration=True,
+           description="FP8 weights and activations (SM >= 89; not on Orin)"),
+    Scheme("w4a8_awq", 4, "group", calibration=True,
+           description="int4 AWQ weights, FP8 activations (SM >= 89; not on Orin)"),
+    Scheme("int8_dynamic", 8, "tensor", scale_bytes=8, quantizes_lm_head=True,
+           description="PyTorch CPU dynamic int8 on every nn.Linear (lm_head included)"),
+)}
+
+_QUANT_ALIASES = {
+    "": "none", "full_prec": "none", "fp16": "none", "bf16": "none", "fp32": "none", "float16": "none",
+    "bfloat16": "none", "float32": "none",
+    "int8": "w8a16", "int8_wo": "w8a16", "int8_weight_only": "w8a16",
+    "int4": "w4a16", "int4_wo": "w4a16", "int4_weight_only": "w4a16",
+    "awq": "w4a16_awq", "int4_awq": "w4a16_awq",
+    "gptq": "w4a16_gptq", "int4_gptq": "w4a16_gptq",
+    "int8_sq": "w8a8", "smoothquant": "w8a8", "w8a8_sq": "w8a8", "int8_smoothquant": "w8a8",
+    "w8a8_sq_per_channel_per_token_plugin": "w8a8",
+}
+
+
+def normalize_quantization(name: str) -> str:
+    """Canonical scheme name for a quantization string (case-insensitive; TensorRT-LLM spellings such
+    as ``W4A16_AWQ``, ``int4_wo`` and ``int8_sq`` are accepted)."""
+    key = (name or "").strip().lower().replace("-", "_")
+    key = _QUANT_ALIASES.get(key, key)
+    if key not in SCHEMES:
+        raise BuildError(f"unknown quantization {name!r}; known: {', '.join(SCHEMES)} "
+                         f"(aliases: {', '.join(sorted(a for a in _QUANT_ALIASES if a))})")
+    return key
+
+
+# MLPs with two matrices (up, down) instead of three (gate, up, down).
+_UNGATED_MLP = {"gpt2", "gpt_neox", "gptj", "gpt_bigcode", "phi", "falcon", "opt", "bloom",
+                "starcoder2", "mpt", "codegen", "bert", "gpt_neo"}
+# Attention with q/k/v biases although config.json does not say attention_bias.
+_QKV_BIAS = {"qwen2", "qwen2_vl", "qwen2_5_vl"}
+
+
+def _first(config: Mapping[str, Any], names: Tuple[str, ...]) -> Any:
+    for name in names:
+        value = config.get(name)
+        if value is not None:
+            return value
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelArch:
+    """The architecture numbers of a decoder-only transformer, from its config.json."""
+
+    model_type: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    tie_word_embeddings: bool = False
+    gated_mlp: bool = True
+    qkv_bias: bool = False
+    max_position_embeddings: int = 0
+    #: The dtype the checkpoint stores (``torch_dtype``/``dtype`` field); ``""`` when not stated.
+    checkpoint_dtype: str = ""
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], source: str = "config.json") -> "ModelArch":
+        """Read the numbers from a config.json dict (vision-language configs: their ``text_config``;
+        the vision tower is not counted). Raises :class:`ArchitectureUnknown` naming a missing field."""
+        if not isinstance(config, Mapping):
+            raise ArchitectureUnknown(f"{source}: expected a JSON object, got {type(config).__name__}")
+        if "text_config" in config and _first(config, ("hidden_size", "n_embd", "d_model")) is None:
+            text = dict(config["text_config"] or {})
+            text.setdefault("tie_word_embeddings", config.get("tie_word_embeddings", False))
+            return cls.from_config(text, f"{source} text_config")
+        model_type = str(config.get("model_type", "") or "")
+
+        def need(names: Tuple[str, ...]) -> int:
+            value = _first(config, names)
+            if value is None:
+                raise ArchitectureUnknown(
+                    f"{source} has no {names[0]} (model_type {model_type or '?'}): cannot plan memory")
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ArchitectureUnknown(f"{source}: {names[0]} must be a positive integer, "
+                                          f"got {value!r}")
+            return value
+
+        hidden = need(("hidden_size", "n_embd", "d_model"))
+        layers = need(("num_hidden_layers", "n_layer", "num_layers"))
+        heads = need(("num_attention_heads", "n_head", "num_heads"))
+        kv_heads = _first(config, ("num_key_value_heads", "num_kv_heads", "multi_query_group_num"))
+        if config.get("multi_query") is True and kv_heads is None:
+            kv_heads = 1
+        head_dim = _first(config, ("head_dim",)) or hidden // heads
+        intermediate = _first(config, ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size"))
+        gated = model_type not in _UNGATED_MLP
+        if intermediate is None:
+            if gated:
+                need(("intermediate_size",))
+            intermediate = 4 * hidden  # GPT-2 style configs leave n_inner null
+        dtype = str(_first(config, ("torch_dtype", "dtype")) or "")
+        return cls(
+            model_type=model_type, hidden_size=hidden, num_layers=layers, num_heads=heads,
+            num_kv_heads=int(kv_heads or heads), head_dim=int(head_dim),
+            intermediate_size=int(intermediate), vocab_size=need(("vocab_size", "padded_vocab_size")),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)), gated_mlp=gated,
+            qkv_bias=bool(config.get("attention_bias", False)) or model_type in _QKV_BIAS,
+            max_position_embeddings=int(_first(config, ("max_position_embeddings", "n_positions",
+                                                        "max_seq_len")) or 0),
+            checkpoint_dtype=normalize_dtype(dtype) if dtype else "")
+
+    def linear_shapes(self) -> List[Tuple[int, int]]:
+        """``(in_features, out_features)`` of the weight matrices of one decoder layer."""
+        h, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        shapes = [(h, q), (h, kv), (h, kv), (q, h)]
+        if self.gated_mlp:
+            shapes += [(h, self.intermediate_size), (h, self.intermediate_size),
+                       (self.intermediate_size, h)]
+        else:
+            shapes += [(h, self.intermediate_size), (self.intermediate_size, h)]
+        return shapes
+
+    @property
+    def linear_parameters(self) -> int:
+        """Weights of all decoder-layer matrices (what weight quantization shrinks)."""
+        return self.num_layers * sum(i * o for i, o in self.linear_shapes())
+
+    @property
+    def embedding_parameters(self) -> int:
+        return self.vocab_size * self.hidden_size
+
+    @property
+    def other_parameters(self) -> int:
+        """Norm weights (two per layer plus the final one) and q/k/v biases."""
+        per_layer = 2 * self.hidden_size
+        if self.qkv_bias:
+            per_layer += (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        return self.num_layers * per_layer + self.hidden_size
+
+    @property
+    def parameters(self) -> int:
+        """Parameter count, a tied lm_head counted once."""
+        lm_head = 0 if self.tie_word_embeddings else self.embedding_parameters
+        return self.linear_parameters + self.embedding_parameters + lm_head + self.other_parameters
+
+
+def _matrix_bytes(in_f: int, out_f: int, scheme: Scheme, act_bytes: int) -> int:
+    if scheme.weight_bits == 0:
+        return in_f * out_f * act_bytes
+    data = in_f * out_f * scheme.weight_bits // 8
+    if scheme.granularity == "group":
+        scales = out_f * -(-in_f // GROUP_SIZE)
+    elif scheme.granularity == "channel":
+        scales = out_f
+    else:
+        scales = 1
+    per_scale = scheme.scale_bytes * (2 if scheme.zero_points else 1)
+    return data + scales * per_scale
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    """Estimated memory of one build at run time and while building, against a device profile."""
+
+    name: str
+    backend: str
+    quantization: str
+    dtype: str
+    kv_cache_dtype: str
+    max_input_len: int
+    max_seq_len: int
+    max_batch_size: int
+    parameters: int
+    weights_bytes: int
+    kv_cache_bytes: int
+    activation_bytes: int
+    runtime_overhead_bytes: int
+    device: DeviceProfile
+    build_peak_bytes: int
+    assumptions: Tuple[str, ...] = ()
+    #: Cheaper quantizations of the same backend that would fit, as (scheme, total bytes).
+    alternatives: Tuple[Tuple[str, int], ...] = ()
+
+    @property
+    def total_bytes(self) -> int:
+        """Everything the model process needs at run time (the reserve excluded)."""
+        return self.weights_bytes + self.kv_cache_bytes + self.activation_bytes + \
+            self.runtime_overhead_bytes
+
+    @property
+    def available_bytes(self) -> int:
+        """What the device leaves to the model: total minus the OS/ROS reserve."""
+        return self.device.available_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.available_bytes
+
+    @property
+    def build_fits(self) -> bool:
+        """Whether building on this device is expected to stay within its memory."""
+        return self.build_peak_bytes <= self.available_bytes
+
+    def _terms(self) -> str:
+        return (f"weights {_gib(self.weights_bytes)} + KV cache {_gib(self.kv_cache_bytes)} "
+                f"({self.max_batch_size} x {self.max_seq_len} tokens, {self.kv_cache_dtype}) + "
+                f"activations {_gib(self.activation_bytes)} + runtime "
+                f"{_gib(self.runtime_overhead_bytes)}")
+
+    def _device(self) -> str:
+        return (f"{self.device.name} has {_gib(self.available_bytes)} available "
+                f"({_gib(self.device.total_bytes)} total - {_gib(self.device.reserve_bytes)} "
+                f"reserved for the OS and ROS)" if self.device.shared else
+                f"{self.device.name} has {_gib(self.available_bytes)} available "
+                f"({_gib(self.device.total_bytes)} GPU memory - {_gib(self.device.reserve_bytes)} "
+                f"reserve)")
+
+    def summary(self) -> str:
+        """One paragraph for logs: what was assumed, each term, and the verdicts."""
+        verdict = "fits" if self.fits else "does NOT fit"
+        build = "fits" if self.build_fits else "does NOT fit"
+        return (f"{self.name or 'model'} ({self.parameters / 1e9:.2f} B params, {self.backend}, "
+                f"quantization {self.quantization}, {self.dtype}): needs {_gib(self.total_bytes)} = "
+                f"{self._terms()}; {self._device()}: {verdict}. Build peak ~"
+                f"{_gib(self.build_peak_bytes)}: {build} on this device.")
+
+    def check(self, build: bool = False) -> None:
+        """Raise :class:`BuildError` with the numbers when the model will not fit at run time (and,
+        with ``build=True``, when building it here would exceed the device's memory)."""
+        if not self.fits:
+            hint = "; ".join(f"quantization {q} would need ~{_gib(b)}" for q, b in self.alternatives)
+            raise BuildError(
+                f"{self.name or 'model'} does not fit: quantization {self.quantization} "
+                f"({self.dtype}) needs {_gib(self.total_bytes)} ({self._terms()}) but "
+                f"{self._device()}. Lower max_seq_len/max_batch_size"
+                + (f", or {hint}" if hint else ", or choose a smaller model") + ".")
+        if build and not self.build_fits:
+            raise BuildError(
+                f"building {self.name or 'model'} with quantization {self.quantization} peaks at "
+                f"~{_gib(self.build_peak_bytes)} but {self._device()}. Build on a larger machine with "
+                f"the same JetPack/TensorRT/GPU (e.g. an AGX Orin for an Orin Nano) and copy the "
+                f"cache directory, add swap, or choose a weight-only quantization that needs no "
+                f"calibration.")
+
+    def as_dict(self) -> Dict[str, Any]:
+        """JSON-friendly form for the manifest."""
+        return {
+            "parameters": self.parameters, "weights_bytes": self.weights_bytes,
+            "kv_cache_bytes": self.kv_cache_bytes, "activation_bytes": self.activation_bytes,
+            "runtime_overhead_bytes": self.runtime_overhead_bytes, "total_bytes": self.total_bytes,
+            "available_bytes": self.available_bytes, "fits": self.fits,
+            "build_peak_bytes": self.build_peak_bytes, "build_fits": self.build_fits,
+            "device": dataclasses.asdict(self.device), "dtype": self.dtype,
+            "kv_cache_dtype": self.kv_cache_dtype, "quantization": self.quantization,
+        }
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+#: Runtime overhead per process (see the module docstring).
+GPU_RUNTIME_OVERHEAD = 1 * GiB
+CPU_RUNTIME_OVERHEAD = GiB // 2
+#: Extra working memory while building: TensorRT builder workspace; calibration activations.
+BUILDER_WORKSPACE = 1 * GiB
+CALIBRATION_WORKSPACE = 1 * GiB
+
+#: Cheaper schemes to suggest when a plan does not fit, per backend.
+_CHEAPER = {"tensorrt_llm": ("w8a16", "w4a16"), "transformers": ("int8_dynamic",)}
+
+
+def weights_bytes(arch: ModelArch, scheme: Scheme, act_bytes: int, backend: str) -> int:
+    """Bytes of all weights under ``scheme`` (see the module docstring for what stays unquantized)."""
+    linear = arch.num_layers * sum(_matrix_bytes(i, o, scheme, act_bytes)
+                                   for i, o in arch.linear_shapes())
+    embedding = arch.embedding_parameters * act_bytes
+    if scheme.quantizes_lm_head:
+        lm_head = _matrix_bytes(arch.hidden_size, arch.vocab_size, scheme, act_bytes)
+    elif arch.tie_word_embeddings and backend != "tensorrt_llm":
+        lm_head = 0  # shares the embedding tensor
+    else:
+        lm_head = arch.embedding_parameters * act_bytes
+    return linear + embedding + lm_head + arch.other_parameters * act_bytes
+
+
+def plan_memory(config: Mapping[str, Any], device: DeviceProfile, *, backend: str = "tensorrt_llm",
+                quantization: str = "none", dtype: str = "auto", kv_cache_dtype: str = "auto",
+                max_input_len: int = 2048, max_seq_len: int = 4096, max_batch_size: int = 1,
+                on_gpu: Optional[bool] = None, source_dtype: str = "", name: str = "",
+                _suggest: bool = True) -> MemoryPlan:
+    """Estimate run-time and build-time memory of a model from its config.json dict.
+
+    ``dtype`` is the activation dtype; ``auto`` means float16 for TensorRT-LLM and float32 for the
+    transformers backend (its CPU choice without native bf16 -- pass the resolved dtype when known).
+    ``on_gpu`` defaults to True for TensorRT-LLM, False otherwise. ``source_dtype`` is what the
+    checkpoint stores (default: its config's ``torch_dtype``, else float32; ``gguf`` for GGUF files).
+    """
+    arch = ModelArch.from_config(config)
+    scheme = SCHEMES[normalize_quantization(quantization)]
+    if on_gpu is None:
+        on_gpu = backend == "tensorrt_llm"
+    act = normalize_dtype(dtype)
+    if act in ("", "auto"):
+        act = "float16" if on_gpu else "float32"
+    if scheme.name == "int8_dynamic":
+        act = "float32"  # PyTorch dynamic quantization works on float32 modules only
+    act_bytes = dtype_bytes(act)
+    kv = normalize_dtype(kv_cache_dtype)
+    kv = act if kv in ("", "auto") else kv
+    kv_bytes = dtype_bytes(kv)
+
+    weights = weights_bytes(arch, scheme, act_bytes, backend)
+    kv_cache = 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * max_seq_len * \
+        max_batch_size * kv_bytes
+    width = 2 * arch.hidden_size + (arch.num_heads + 2 * arch.num_kv_heads) * arch.head_dim + \
+        2 * arch.intermediate_size
+    activations = max_batch_size * max_input_len * width * act_bytes + \
+        max_batch_size * arch.vocab_size * 4
+    overhead = GPU_RUNTIME_OVERHEAD if on_gpu else CPU_RUNTIME_OVERHEAD
+
+    # Build peak (see the module docstring).
+    src = normalize_dtype(source_dtype or arch.checkpoint_dtype or "float32")
+    if backend == "tensorrt_llm":
+        source_bytes = arch.parameters * (4 if src == "gguf" else dtype_bytes(src))
+        convert = source_bytes + weights + CPU_RUNTIME_OVERHEAD
+        if scheme.calibration:
+            convert += arch.parameters * 2 + CALIBRATION_WORKSPACE + GPU_RUNTIME_OVERHEAD
+        engine = 2 * weights + max(BUILDER_WORKSPACE, activations) + GPU_RUNTIME_OVERHEAD
+        build_peak = max(convert, engine)
+    else:
+        target = weights_bytes(arch, SCHEMES["none"], act_bytes, backend)
+        build_peak = target * 3 // 2 + CPU_RUNTIME_OVERHEAD
+        if src == "gguf":
+            build_peak += arch.parameters * 4
+
+    assumptions = (
+        f"linear weights: {scheme.description}",
+        "embeddings at " + act + ("; lm_head quantized" if scheme.quantizes_lm_head else
+                                  "; lm_head at " + act +
+                                  ("" if not arch.tie_word_embeddings else
+                                   " (a second copy of the tied embedding)" if backend ==
+                                   "tensorrt_llm" else " (tied: shared)")),
+        f"KV cache {kv}, fused attention (no seq x seq scores)",
+        f"runtime overhead {_gib(overhead)} ({'GPU' if on_gpu else 'CPU'} process)",
+    )
+    plan = MemoryPlan(
+        name=name, backend=backend, quantization=scheme.name, dtype=act, kv_cache_dtype=kv,
+        max_input_len=max_input_len, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
+        parameters=arch.parameters, weights_bytes=weights, kv_cache_bytes=kv_cache,
+        activation_bytes=activations, runtime_overhead_bytes=overhead, device=device,
+        build_peak_bytes=build_peak, assumptions=assumptions)
+    if _suggest and not plan.fits:
+        options = []
+        for cheaper in _CHEAPER.get(backend, ()):
+            if cheaper == scheme.name:
+                continue
+            alt = plan_memory(config, device, backend=backend, quantization=cheaper, dtype=dtype,
+                              kv_cache_dtype=kv_cache_dtype, max_input_len=max_input_len,
+                              max_seq_len=max_seq_len, max_batch_size=max_batch_size,
+                              on_gpu=on_gpu, source_dtype=source_dtype, name=name, _suggest=False)
+            if alt.fits and alt.total_bytes < plan.total_bytes:
+                options.append((cheaper, alt.total_bytes))
+        plan = dataclasses.replace(plan, alternatives=tuple(options))
+    return plan
