@@ -327,7 +327,8 @@ def plan(args) -> int:
     try:
         if args.config:
             config = json.loads(Path(args.config).read_text())
-            name = Path(args.config).parent.name or args.config
+            path = Path(args.config)
+            name = path.parent.name if path.stem == "config" else path.stem
         else:
             from slm_ros.models import resolve_model
             checkpoint = inspect_checkpoint(resolve_model(args.model).path)

@@ -38,6 +38,7 @@ class NodeProcess:
     def __init__(self, domain_id: int, log_path, namespace: str = "/t",
                  executable: str = "llm_node", remaps=(), **params) -> None:
         self.namespace = namespace
+        self.domain_id = domain_id
         self.log_path = log_path
         cmd = [node_executable(executable), "--ros-args", "-r", f"__ns:={namespace}"]
         for remap in remaps:

@@ -361,3 +361,21 @@ def test_stale_frame_is_refused(vlm_dir, tmp_path_factory):
         finally:
             client.close()
             assert node.stop() == 0, node.log()
+
+
+def test_cli_look_with_an_image_file(manual_setup, tmp_path):
+    import os
+    node, _ = manual_setup
+    image = tmp_path / "scene.png"
+    cv2.imwrite(str(image), cv2.cvtColor(GOOD, cv2.COLOR_RGB2BGR))
+    env = dict(os.environ, ROS_DOMAIN_ID=str(node.domain_id),
+               ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST")
+    proc = subprocess.run([str(Path(sys.prefix) / "bin" / "slm-ros"), "look", "What is this?",
+                           "--image", str(image), "--namespace", "/t"],
+                          capture_output=True, text=True, env=env, timeout=120, cwd="/")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"frame {image}" in proc.stderr and ("[stop]" in proc.stderr or "[length]" in proc.stderr)
+    missing = subprocess.run([str(Path(sys.prefix) / "bin" / "slm-ros"), "look", "x", "--image",
+                              str(tmp_path / "nope.jpg"), "--namespace", "/t"],
+                             capture_output=True, text=True, env=env, timeout=60, cwd="/")
+    assert missing.returncode == 2 and "cannot read image" in missing.stderr

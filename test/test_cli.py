@@ -1,0 +1,60 @@
+"""The slm-ros CLI's offline commands (plan, build) as a user runs them: the installed executable in
+a subprocess, real files."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CLI = str(Path(sys.prefix) / "bin" / "slm-ros")
+CONFIGS = Path(__file__).parent / "data" / "model_configs"
+
+
+def run(*args, timeout=300):
+    env = dict(os.environ, ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST")
+    return subprocess.run([CLI, *args], capture_output=True, text=True, env=env, timeout=timeout,
+                          cwd="/")
+
+
+@pytest.mark.parametrize("quantization,code,words", [
+    ("fp16", 3, "does NOT fit"),
+    ("w4a16", 0, "fits"),
+])
+def test_plan_verdict_and_exit_code(quantization, code, words):
+    proc = run("plan", "--config", str(CONFIGS / "llama-3.2-3b-instruct.json"), "--backend",
+               "tensorrt_llm", "--quantization", quantization, "--profile", "orin-nano-8gb")
+    assert proc.returncode == code, proc.stdout + proc.stderr
+    assert words in proc.stdout and "GiB" in proc.stdout
+
+
+def test_plan_all_profiles_as_json():
+    proc = run("plan", "--config", str(CONFIGS / "tinyllama-1.1b-chat.json"), "--backend",
+               "tensorrt_llm", "--quantization", "w4a16", "--profile", "all", "--json")
+    assert proc.returncode == 0, proc.stderr
+    plans = json.loads(proc.stdout)
+    assert len(plans) >= 4 and all(p["fits"] for p in plans)
+
+
+def test_build_then_cache_hit(tiny_model_dir, tmp_path):
+    cache = tmp_path / "engines"
+    first = run("build", "--model", tiny_model_dir, "--cache-dir", str(cache), "--dtype",
+                "float32", "--json")
+    assert first.returncode == 0, first.stderr
+    built = json.loads(first.stdout)
+    assert not built["cache_hit"] and Path(built["path"], "manifest.json").is_file()
+    assert "publish" in first.stderr   # the progress bar showed the phases
+    again = run("build", "--model", tiny_model_dir, "--cache-dir", str(cache), "--dtype",
+                "float32", "--json")
+    assert again.returncode == 0, again.stderr
+    hit = json.loads(again.stdout)
+    assert hit["cache_hit"] and hit["path"] == built["path"] and hit["key"] == built["key"]
+
+
+def test_build_bad_checkpoint_fails_with_reason(tmp_path):
+    (tmp_path / "model").mkdir()
+    proc = run("build", "--model", str(tmp_path / "model"), "--cache-dir", str(tmp_path / "c"))
+    assert proc.returncode != 0
+    assert "config.json" in proc.stderr or "no model" in proc.stderr.lower(), proc.stderr
