@@ -175,7 +175,7 @@ def test_sessions_remember_and_reset(engine, backend):
 
 
 def test_load_errors_name_the_problem(tmp_path):
-    with pytest.raises(ConfigError, match="unknown backend 'nope'"):
+    with pytest.raises(ConfigError, match="unknown text backend 'nope'"):
         create_backend("nope")
     with pytest.raises(ModelLoadError, match="does not exist"):
         resolve_model(str(tmp_path / "missing"))

@@ -191,7 +191,14 @@ class TensorRtLlmBackend(Backend):
             end = runtime.stream(dataclasses.replace(job, emit=emit))
             self._last_finish = finish_reason_of(end, budget, cancel.is_set())
 
-        yield from iterate_in_thread(produce, halt, name="slm-trtllm-generate")
+        stream = iterate_in_thread(produce, halt, name="slm-trtllm-generate")
+        try:
+            for token in stream:
+                yield token
+                if cancel.is_set():  # tokens already queued behind a cancel are not handed out
+                    break
+        finally:
+            stream.close()  # stops and joins the producer, which records the finish reason
         if self._last_finish is FinishReason.ERROR:
             raise RequestError("TensorRT-LLM ended the request with an error (timeout)")
 
