@@ -5,7 +5,7 @@ embedded model (SmolLM2-135M-Instruct).
 Each measurement is a fresh Python process doing what a node launch does: ``Builder.build`` (a cold
 build into an empty cache, or a cache hit on the second run) and then loading the artifact with the
 transformers backend and generating the first token. Timings are taken inside the process (imports
-reported separately), plus the process wall time. ``--variants`` adds ``int8_dynamic``.
+and torch/transformers, reported separately as ``import_s``), plus the process wall time. ``--variants`` adds ``int8_dynamic``.
 
     .venv/bin/python bench/bench_builder.py [--repeats 3] [--out FILE]
 
@@ -38,6 +38,8 @@ from slm_ros.build.builder import Builder
 from slm_ros.build.spec import BuildSpec
 from slm_ros.core.types import SamplingParams
 from slm_ros.models import resolve_model
+import torch, transformers  # noqa: E401,F401 - a node has these loaded before it builds or loads
+import slm_ros.build.transformers_step  # noqa: F401
 t_import = time.monotonic()
 cache, quant = sys.argv[1], sys.argv[2]
 spec = BuildSpec(model=resolve_model("default").path, backend="transformers", quantization=quant,
