@@ -484,6 +484,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                              "alternate raw and ROS runs so machine speed drifts hit both alike")
     parser.add_argument("--pause", type=float, default=0.3,
                         help="seconds of idle time before each timed run (default 0.3)")
+    parser.add_argument("--backend", default=BACKEND,
+                        help=f"backend on both paths (default {BACKEND}; llama_cpp runs the "
+                             f"embedded GGUF directly)")
     parser.add_argument("--wait", type=float, default=600.0,
                         help="seconds to wait for the node to load the model (default 600)")
     args = parser.parse_args(argv)
@@ -496,7 +499,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Run both paths, print the JSON report and write it to ``--out``."""
+    global BACKEND
     args = parse_args(argv)
+    BACKEND = args.backend
     prompts = PROMPTS[:QUICK_PROMPTS] if args.quick else PROMPTS
     with ros_domain() as domain:
         log(f"ROS_DOMAIN_ID={domain}, ROS_AUTOMATIC_DISCOVERY_RANGE="

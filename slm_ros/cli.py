@@ -1,7 +1,8 @@
 """``slm-ros``: run the LLM node and talk to it from a terminal.
 
     slm-ros demo ["prompt"]      start an LLM node (embedded model), ask it one question, stop it
-    slm-ros up [--model M]       run an LLM node in the foreground (namespace /slm)
+    slm-ros up [--profile P] [--model M] [--builder] [--vision --vision-model V]
+                                 run the node graph of slm.launch.py in the foreground (/slm)
     slm-ros ask "prompt"         stream an answer from a running node, then TTFT and tokens/s
     slm-ros look "question" [--image F]
                                  ask the running vision node about its camera (or an image file)
@@ -67,7 +68,9 @@ def _sampling_args(parser: argparse.ArgumentParser) -> None:
 def _node_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="default",
                         help="'default' (embedded SmolLM2-135M-Instruct), a checkpoint dir or a .gguf")
-    parser.add_argument("--backend", default="transformers")
+    parser.add_argument("--backend", default="auto",
+                        help="auto (llama_cpp for GGUF models such as the embedded one on CPU, "
+                             "else transformers), transformers, llama_cpp or tensorrt_llm")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--params-file", help="ROS parameters YAML for the node")
 
@@ -150,10 +153,23 @@ def ask(prompt: str, namespace: str = DEFAULT_NAMESPACE, session: str = "", syst
 
 
 def up(args) -> int:
-    """Run the LLM node in this process until Ctrl-C."""
+    """Run the node graph of launch/slm.launch.py in this process until Ctrl-C (the LLM node; with
+    --builder the engine builder first, with --vision the vision node), from the same YAML files."""
     _keep_discovery_local()
-    from slm_ros.nodes.llm_node import main as llm_main
-    return llm_main(args=[sys.argv[0]] + _ros_args(args, args.namespace))
+    from slm_ros.core.errors import SlmError
+    from slm_ros.ros.graph import describe, plan_graph, run_graph
+    try:
+        plans = plan_graph(namespace=args.namespace, profile=args.profile, model=args.model,
+                           backend=args.backend, device=args.device, params_file=args.params_file,
+                           builder=args.builder, vision=args.vision,
+                           vision_model=args.vision_model, camera_topic=args.camera_topic)
+    except SlmError as exc:
+        print(f"slm-ros up: {exc}", file=sys.stderr)
+        return 2
+    print(f"[slm-ros] starting:\n{describe(plans)}", file=sys.stderr)
+    if args.check:
+        return 0
+    return run_graph(plans)
 
 
 def demo(args) -> int:
@@ -249,7 +265,8 @@ def _spec_from_args(args):
     from slm_ros.build.spec import BuildSpec
     from slm_ros.models import resolve_model
     resolved = resolve_model(args.model, progress=lambda m: print(f"[slm-ros] {m}",
-                                                                 file=sys.stderr))
+                                                                 file=sys.stderr),
+                             prefer_gguf=args.backend == "llama_cpp")
     return BuildSpec(model=resolved.path, backend=args.backend, quantization=args.quantization,
                      dtype=args.dtype, device=args.device, max_input_len=args.max_input_len,
                      max_seq_len=args.max_seq_len, max_batch_size=args.max_batch_size,
@@ -360,10 +377,11 @@ def _build_args(parser: argparse.ArgumentParser, for_plan: bool = False) -> None
     parser.add_argument("--model", default="default",
                         help="'default' (embedded SmolLM2-135M-Instruct), a checkpoint dir or a .gguf")
     parser.add_argument("--backend", default="transformers",
-                        help="transformers or tensorrt_llm")
+                        help="transformers, llama_cpp or tensorrt_llm")
     parser.add_argument("--quantization", default="none",
-                        help="transformers: none | int8_dynamic; tensorrt_llm: w4a16_awq | w4a16 | "
-                             "w8a16 | w8a8_sq | fp16 | bf16")
+                        help="transformers: none | int8_dynamic; llama_cpp: none | q8_0 | q4_k_m | "
+                             "f16 | ...; tensorrt_llm: w4a16_awq | w4a16 | w8a16 | w8a8_sq | fp16 | "
+                             "bf16")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--max-input-len", type=int, default=2048)
     parser.add_argument("--max-seq-len", type=int, default=4096)
@@ -407,9 +425,30 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the node")
     _sampling_args(p)
 
-    p = sub.add_parser("up", help="run an LLM node in the foreground")
+    p = sub.add_parser("up", help="run the node graph (LLM; builder, vision) in the foreground")
     p.add_argument("--namespace", default=DEFAULT_NAMESPACE)
-    _node_args(p)
+    p.add_argument("--profile", default="",
+                   help="board profile: cpu, x86-cuda, orin-nano-8gb, orin-nx-16gb, agx-orin-64gb "
+                        "(config/profiles/) or a YAML file; empty = the nodes' defaults")
+    p.add_argument("--model", default="",
+                   help="a model card of config/models/ (e.g. tinyllama-1.1b-chat), 'default' "
+                        "(embedded SmolLM2-135M-Instruct), a checkpoint dir or a .gguf; empty = "
+                        "the profile's default model, else 'default'")
+    p.add_argument("--backend", default="", help="backend override (transformers, tensorrt_llm)")
+    p.add_argument("--device", default="", help="device override (cpu, cuda, cuda:N)")
+    p.add_argument("--params-file", default="",
+                   help="ROS parameters YAML applied last (sections /**/llm, /**/vision, "
+                        "/**/engine_builder, or /** for all)")
+    p.add_argument("--builder", action="store_true",
+                   help="also run the engine builder; the LLM node loads the artifact it builds")
+    p.add_argument("--vision", action="store_true", help="also run the vision node")
+    p.add_argument("--vision-model", default="",
+                   help="vision-language model card (e.g. smolvlm-256m-instruct) or checkpoint "
+                        "dir; needed with --vision unless the profile names one")
+    p.add_argument("--camera-topic", default="",
+                   help="camera image topic for the vision node (its image input is remapped)")
+    p.add_argument("--check", action="store_true",
+                   help="check the configuration and print what would start, then exit")
 
     p = sub.add_parser("demo", help="start a node, ask one question, stop")
     p.add_argument("prompt", nargs="?", default=DEMO_PROMPT)

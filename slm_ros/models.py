@@ -35,7 +35,8 @@ Progress = Callable[[str], None]
 
 @dataclasses.dataclass(frozen=True)
 class ResolvedModel:
-    """A model ready for a backend: ``path`` is a local checkpoint directory."""
+    """A model ready for a backend: ``path`` is a local checkpoint directory (or, resolved with
+    ``prefer_gguf``, a GGUF file)."""
 
     name: str
     path: str
@@ -64,22 +65,38 @@ def embedded_gguf() -> Path:
     return path
 
 
-def resolve_model(spec: str, progress: Optional[Progress] = None) -> ResolvedModel:
-    """Turn the ``model`` parameter into a local checkpoint directory, preparing it if needed.
+def resolve_model(spec: str, progress: Optional[Progress] = None,
+                  prefer_gguf: bool = False) -> ResolvedModel:
+    """Turn the ``model`` parameter into a local checkpoint, preparing it if needed.
 
     Accepts ``default``, a Hugging Face checkpoint directory (with ``config.json``) or a ``.gguf`` file.
+    GGUF files are converted into a checkpoint directory, unless ``prefer_gguf`` (backends that run
+    GGUF natively, e.g. llama_cpp): then ``path`` is the GGUF file itself -- the embedded one for
+    ``default`` -- and a directory holding exactly one ``.gguf`` file (an engine-builder artifact)
+    resolves to that file. Anything else resolves as without ``prefer_gguf``.
     """
     spec = (spec or "").strip()
     if spec in ("", DEFAULT_MODEL):
         gguf = embedded_gguf()
-        return ResolvedModel("SmolLM2-135M-Instruct", str(prepare_gguf(gguf, progress)), DEFAULT_MODEL)
+        path = gguf if prefer_gguf else prepare_gguf(gguf, progress)
+        return ResolvedModel("SmolLM2-135M-Instruct", str(path), DEFAULT_MODEL)
     path = Path(spec).expanduser()
     if not path.exists():
         raise ModelLoadError(f"model path {spec!r} does not exist")
+    if prefer_gguf and path.is_dir():
+        ggufs = sorted(p for p in path.glob("*.gguf") if p.is_file())
+        if len(ggufs) == 1:
+            return ResolvedModel(ggufs[0].stem, str(ggufs[0].resolve()), spec)
+        if ggufs and not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"model directory {spec!r} holds {len(ggufs)} .gguf files "
+                f"({', '.join(p.name for p in ggufs)}): pass the one to load")
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ModelLoadError(
                 f"model file {spec!r} is not a .gguf file; pass a checkpoint directory or a GGUF file")
+        if prefer_gguf:
+            return ResolvedModel(path.stem, str(path.resolve()), spec)
         return ResolvedModel(path.stem, str(prepare_gguf(path, progress)), spec)
     if not (path / "config.json").is_file():
         raise ModelLoadError(

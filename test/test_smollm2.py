@@ -11,7 +11,9 @@ def test_demo_answers_capital_of_france(default_model_dir, domain_id):
     slm_ros_cli = Path(sys.prefix) / "bin" / "slm-ros"
     env = dict(os.environ, ROS_DOMAIN_ID=str(domain_id), ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST")
     proc = subprocess.run(
-        [str(slm_ros_cli), "demo", "What is the capital of France?", "--max-new-tokens", "24",
+        # The README's first command (its prompt), on the default backend.
+        [str(slm_ros_cli), "demo", "What is the capital of France? Answer in one sentence.",
+         "--max-new-tokens", "24",
          "--wait", "300"],
         capture_output=True, text=True, env=env, timeout=420, cwd="/")
     assert proc.returncode == 0, proc.stdout + proc.stderr

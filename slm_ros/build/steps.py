@@ -12,6 +12,7 @@ from slm_ros.core.errors import BackendUnavailable, ConfigError
 _STEPS: Dict[str, Tuple[str, str]] = {
     "transformers": ("slm_ros.build.transformers_step", "TransformersStep"),
     "tensorrt_llm": ("slm_ros.build.trtllm_step", "TensorRtLlmStep"),
+    "llama_cpp": ("slm_ros.build.llama_cpp_step", "LlamaCppStep"),
 }
 
 

@@ -11,7 +11,8 @@ Interfaces (relative to the node namespace, e.g. ``/slm``):
 With ``build_on_start`` (default) it builds from its parameters at startup; the LLM and vision nodes
 started with ``wait_for_builder: true`` load what it announces. Builds run one at a time; a second
 builder process for the same key waits on the cache's file lock and reuses the result. The node holds
-no model between builds, so it is a plain node, not a lifecycle node.
+no model between builds, so it is a plain node, not a lifecycle node. Its last status is repeated on
+``/diagnostics`` every second (ERROR after a failed build).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from slm_ros.build.spec import BuildCancelled, BuildSpec
 from slm_ros.core.errors import SlmError
 from slm_ros.models import resolve_model
 from slm_ros.msg import EngineStatus
-from slm_ros.ros import qos
+from slm_ros.ros import diagnostics, qos
 from slm_ros.ros.params import ParamSpec, declare_all, values
 
 PARAMETERS = (
@@ -43,9 +44,10 @@ PARAMETERS = (
               "Checkpoint to build from: 'default' (embedded SmolLM2-135M-Instruct), a Hugging Face "
               "checkpoint directory or a .gguf file. No downloads.", read_only=True),
     ParamSpec("backend", "transformers",
-              "Backend the artifact is for: transformers or tensorrt_llm."),
+              "Backend the artifact is for: transformers, llama_cpp or tensorrt_llm."),
     ParamSpec("quantization", "none",
-              "transformers: none | int8_dynamic. tensorrt_llm: w4a16_awq | w4a16 | w8a16 | w8a8_sq "
+              "transformers: none | int8_dynamic. llama_cpp: none | f16 | q8_0 | q4_0 | q4_k_m | "
+              "q5_k_m | ... (requantizes a GGUF). tensorrt_llm: w4a16_awq | w4a16 | w8a16 | w8a8_sq "
               "| fp16 | bf16 (fp8 and w4a8 need SM >= 89; Orin is SM 87)."),
     ParamSpec("dtype", "auto", "auto, float32, float16 or bfloat16 for unquantized weights."),
     ParamSpec("device", "auto", "Device the artifact will run on: auto, cpu, cuda, cuda:N."),
@@ -89,7 +91,9 @@ def spec_from_params(p: Dict, overrides: Optional[Dict] = None, progress=None) -
     """A :class:`BuildSpec` from parameters (and non-empty goal fields); ``model`` is resolved to a
     local path here (the embedded default is converted once). Raises :class:`SlmError`."""
     fields = merge_overrides(p, overrides)
-    resolved = resolve_model(fields["model"], progress=progress)
+    # llama_cpp builds from the GGUF file itself, not from the converted checkpoint.
+    resolved = resolve_model(fields["model"], progress=progress,
+                             prefer_gguf=fields["backend"] == "llama_cpp")
     return BuildSpec(
         model=resolved.path, backend=fields["backend"], quantization=fields["quantization"],
         dtype=fields["dtype"], device=fields["device"], max_input_len=int(fields["max_input_len"]),
@@ -119,11 +123,16 @@ class EngineBuilderNode(Node):
         self._action_server = ActionServer(
             self, BuildEngine, "build_engine", execute_callback=self._execute,
             goal_callback=lambda _goal: GoalResponse.ACCEPT,
-            cancel_callback=self._on_cancel, callback_group=self._group)
+            cancel_callback=self._on_cancel, callback_group=self._group,
+            goal_service_qos_profile=qos.ACTION_SERVICES,
+            result_service_qos_profile=qos.ACTION_SERVICES,
+            cancel_service_qos_profile=qos.ACTION_SERVICES)
         self._last_status = 0.0
         self._last_phase = ""
-        self.publish_status(EngineStatus.STATE_PENDING, model=p["model"], backend=p["backend"],
-                            quantization=p["quantization"])
+        self._status_msg = self.publish_status(EngineStatus.STATE_PENDING, model=p["model"],
+                                               backend=p["backend"], quantization=p["quantization"])
+        self._diagnostics = diagnostics.DiagnosticsPublisher(
+            self, f"{self.get_fully_qualified_name()}: engine build", self._health).start()
         self.get_logger().info(f"engine cache: {self._builder.root}; profile: "
                                f"{(profile or detect_profile('cpu')).name}")
 
@@ -135,7 +144,19 @@ class EngineBuilderNode(Node):
         for key, value in fields.items():
             setattr(msg, key, value)
         self._status_pub.publish(msg)
+        self._status_msg = msg
         return msg
+
+    def _health(self) -> diagnostics.Health:
+        s = self._status_msg
+        return diagnostics.builder_health(
+            s.state, phase=s.phase, progress=s.progress, model=s.model, backend=s.backend,
+            quantization=s.quantization, artifact=s.artifact_path, cache_hit=s.cache_hit,
+            error=s.error, rss_bytes=diagnostics.process_rss_bytes())
+
+    def destroy_node(self) -> None:
+        self._diagnostics.stop()
+        super().destroy_node()
 
     def _status_from_result(self, spec: BuildSpec, result: BuildResult) -> EngineStatus:
         return self.publish_status(

@@ -46,6 +46,7 @@ class LlmNode(ModelNode):
     modality = "text"
     PARAMETERS = PARAMETERS
     serves = "prompt, request and the generate action"
+    diagnostic_task = "text generation"
 
     def __init__(self, node_name: str = "llm", **kwargs) -> None:
         super().__init__(node_name, **kwargs)
@@ -72,7 +73,10 @@ class LlmNode(ModelNode):
             self, Generate, "generate", execute_callback=self._execute,
             goal_callback=lambda _goal: GoalResponse.ACCEPT,
             cancel_callback=self._on_cancel_goal, callback_group=self._goal_group,
-            feedback_pub_qos_profile=qos.ACTION_FEEDBACK)
+            feedback_pub_qos_profile=qos.ACTION_FEEDBACK,
+            goal_service_qos_profile=qos.ACTION_SERVICES,
+            result_service_qos_profile=qos.ACTION_SERVICES,
+            cancel_service_qos_profile=qos.ACTION_SERVICES)
 
     def destroy_interfaces(self) -> None:
         if self._action_server is not None:

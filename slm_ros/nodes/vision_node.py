@@ -91,6 +91,7 @@ class VisionNode(ModelNode):
     modality = "vision"
     PARAMETERS = PARAMETERS
     serves = "question, the ask action and image / image/compressed"
+    diagnostic_task = "vision answers"
 
     def __init__(self, node_name: str = "vision", **kwargs) -> None:
         super().__init__(node_name, **kwargs)
@@ -131,7 +132,10 @@ class VisionNode(ModelNode):
             self, AskImage, "ask", execute_callback=self._execute,
             goal_callback=lambda _goal: GoalResponse.ACCEPT,
             cancel_callback=self._on_cancel_goal, callback_group=self._goal_group,
-            feedback_pub_qos_profile=qos.ACTION_FEEDBACK)
+            feedback_pub_qos_profile=qos.ACTION_FEEDBACK,
+            goal_service_qos_profile=qos.ACTION_SERVICES,
+            result_service_qos_profile=qos.ACTION_SERVICES,
+            cancel_service_qos_profile=qos.ACTION_SERVICES)
 
     def destroy_interfaces(self) -> None:
         if self._entities:
@@ -155,9 +159,12 @@ class VisionNode(ModelNode):
                 raise ConfigError(f"camera_qos must be best_effort or reliable, got "
                                   f"{p['camera_qos']!r}")
         except ConfigError as exc:
-            log.error(f"configure failed: invalid parameter: {exc}")
-            return TransitionCallbackReturn.FAILURE
+            return self.configure_failed(log, f"invalid parameter: {exc}")
         return super()._configure(log)
+
+    def diagnostic_values(self):
+        return (("frames_received", str(getattr(self, "frames_received", 0))),
+                ("frames_decoded", str(getattr(self, "frames_decoded", 0))))
 
     def backend_config(self, backend_name, model_path, p, engine_config):
         config = super().backend_config(backend_name, model_path, p, engine_config)

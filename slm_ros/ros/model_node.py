@@ -3,7 +3,8 @@
 ``on_configure`` (optionally) waits for the engine builder, resolves the model, creates the backend
 for the node's modality, loads it and warms it up, then calls :meth:`ModelNode.create_interfaces`;
 ``on_activate`` starts the engine; ``on_cleanup``/``on_shutdown`` free everything. Subclasses add
-their own topics/actions and parameters. :func:`run` is the shared ``main``.
+their own topics/actions and parameters. :func:`run` is the shared ``main``. Every model node
+publishes its health on ``/diagnostics`` (:mod:`slm_ros.ros.diagnostics`) in every lifecycle state.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 
 from slm_ros.backends.base import Backend, BackendConfig
-from slm_ros.backends.registry import create_backend
+from slm_ros.backends.registry import choose_backend, create_backend
 from slm_ros.core.engine import Engine, EngineConfig
 from slm_ros.core.errors import SlmError
 from slm_ros.core.types import SamplingParams
 from slm_ros.models import resolve_model
+from slm_ros.ros import diagnostics
 from slm_ros.ros.builder_wait import wait_for_engine
 from slm_ros.ros.params import ParamSpec, declare_all, values
 
@@ -31,8 +33,10 @@ def model_parameters(backends: Sequence[str], default_model: str,
                      model_help: str) -> Tuple[ParamSpec, ...]:
     """The parameters every model node declares (backend, model, engine, builder wait)."""
     return (
-        ParamSpec("backend", "transformers",
-                  f"Model backend: {', '.join(backends)}. Read at configure."),
+        ParamSpec("backend", "auto",
+                  f"Model backend: auto, {', '.join(backends)}. auto = llama_cpp for a GGUF text "
+                  f"model (default included) on the CPU when llama-cpp-python is installed, else "
+                  f"transformers. Read at configure."),
         ParamSpec("model", default_model, model_help),
         ParamSpec("device", "auto", "auto, cpu, cuda or cuda:N. auto = CUDA when available."),
         ParamSpec("dtype", "auto",
@@ -112,6 +116,8 @@ class ModelNode(LifecycleNode):
     PARAMETERS: Tuple[ParamSpec, ...] = ()
     #: What the node serves once active (for the log line "active: serving ...").
     serves: str = "requests"
+    #: What its /diagnostics status is about (the status name is "<node>: <this>").
+    diagnostic_task: str = "model server"
 
     def __init__(self, node_name: str, **kwargs) -> None:
         super().__init__(node_name, **kwargs)
@@ -119,6 +125,12 @@ class ModelNode(LifecycleNode):
         self._backend: Optional[Backend] = None
         self._engine: Optional[Engine] = None
         self._entities = []
+        self._model_label = ""
+        self._configure_error = ""
+        self._last_sample: Optional[diagnostics.ModelNodeSample] = None
+        self._diagnostics = diagnostics.DiagnosticsPublisher(
+            self, f"{self.get_fully_qualified_name()}: {self.diagnostic_task}",
+            self._health).start()
 
     @property
     def autostart(self) -> bool:
@@ -135,6 +147,10 @@ class ModelNode(LifecycleNode):
     def destroy_interfaces(self) -> None:
         """Destroy what :meth:`create_interfaces` made that is not in ``self._entities``."""
 
+    def diagnostic_values(self) -> Tuple[Tuple[str, str], ...]:
+        """Node-specific key/values for /diagnostics."""
+        return ()
+
     def backend_config(self, backend_name: str, model_path: str, p: Dict,
                        engine_config: EngineConfig) -> BackendConfig:
         """What the backend loads with; subclasses add backend-specific settings."""
@@ -148,16 +164,28 @@ class ModelNode(LifecycleNode):
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         """Load the model. FAILURE (logged with the reason) leaves the node unconfigured."""
         log = self.get_logger()
+        self._configure_error = ""
+        self._diagnostics.publish_now()
         try:
-            return self._configure(log)
+            result = self._configure(log)
         except Exception as exc:  # noqa: BLE001 - rclpy drops transition exceptions silently
             log.error(f"configure failed unexpectedly: {type(exc).__name__}: {exc}\n"
                       f"{traceback.format_exc()}")
+            self._configure_error = f"{type(exc).__name__}: {exc}"
             self._release()
-            return TransitionCallbackReturn.ERROR
+            result = TransitionCallbackReturn.ERROR
+        self._diagnostics.publish_now()
+        return result
+
+    def configure_failed(self, log, reason: str) -> TransitionCallbackReturn:
+        """Log why configure failed, keep it for /diagnostics, and return FAILURE."""
+        log.error(f"configure failed: {reason}")
+        self._configure_error = reason
+        return TransitionCallbackReturn.FAILURE
 
     def _configure(self, log) -> TransitionCallbackReturn:
         p = self.params()
+        self._model_label = p["model"]
         try:
             engine_config = engine_config_from_params(p)
             backend_name, model = p["backend"], p["model"]
@@ -166,14 +194,16 @@ class ModelNode(LifecycleNode):
                                          p["builder_status_topic"], p["builder_timeout_s"],
                                          log.info, node_name=f"{self.get_name()}_engine_wait")
                 backend_name, model = status.backend, status.artifact_path
-            resolved = resolve_model(model, progress=log.info)
+            backend_name = choose_backend(backend_name, model, p["device"], self.modality)
+            resolved = resolve_model(model, progress=log.info,
+                                     prefer_gguf=backend_name == "llama_cpp")
             backend = create_backend(backend_name, self.modality)
             log.info(f"loading {resolved.name} with backend {backend_name} ...")
             backend.load(self.backend_config(backend_name, resolved.path, p, engine_config))
             backend.warmup()
         except SlmError as exc:
-            log.error(f"configure failed: {exc}")
-            return TransitionCallbackReturn.FAILURE
+            return self.configure_failed(log, str(exc))
+        self._model_label = resolved.name
         self._backend = backend
         self._engine = Engine(backend, engine_config, logger=log)
         self.create_interfaces()
@@ -191,6 +221,46 @@ class ModelNode(LifecycleNode):
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._engine.stop("the node was deactivated")
         return super().on_deactivate(state)
+
+    # -- diagnostics -----------------------------------------------------------------------------
+
+    def _sample(self) -> diagnostics.ModelNodeSample:
+        """This node's numbers for /diagnostics (read from the diagnostics thread)."""
+        p = self.params()
+        engine, backend = self._engine, self._backend
+        info = backend.describe() if backend is not None else {}
+        device = str(info.get("device") or p["device"])
+        counters = engine.counters if engine is not None else None
+        return diagnostics.ModelNodeSample(
+            state=self._state_machine.current_state[1],
+            backend=str(info.get("backend") or p["backend"]),
+            model=self._model_label or p["model"], device=device, error=self._configure_error,
+            queue_depth=engine.queue_depth if engine is not None else 0, max_queue=p["max_queue"],
+            busy=engine.busy if engine is not None else False,
+            accepted=counters.accepted if counters else 0,
+            rejected=counters.rejected if counters else 0,
+            succeeded=counters.succeeded if counters else 0,
+            cancelled=counters.cancelled if counters else 0,
+            failed=counters.failed if counters else 0,
+            last_ttft_ms=counters.last_ttft_ms if counters else 0.0,
+            tokens_per_second=counters.last_tokens_per_second if counters else 0.0,
+            rss_bytes=diagnostics.process_rss_bytes(),
+            gpu_used_bytes=diagnostics.gpu_used_bytes(device),
+            extra=self.diagnostic_values())
+
+    def _health(self) -> diagnostics.Health:
+        sample = self._sample()
+        # A new engine (reconfigured) restarts its counters: compare against nothing then.
+        before = self._last_sample
+        if before is not None and (sample.failed < before.failed or
+                                   sample.rejected < before.rejected):
+            before = None
+        self._last_sample = sample
+        return diagnostics.model_node_health(sample, before)
+
+    def destroy_node(self) -> None:
+        self._diagnostics.stop()
+        super().destroy_node()
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._release()
