@@ -58,6 +58,7 @@ NAMESPACE = "/slm_bench"
 MODEL = "default"
 BACKEND = "transformers"
 REPETITION_PENALTY = 1.1
+THREADS = 0   # backend compute threads on both paths; 0 = the backend's default
 GOAL_TPS_RATIO = 0.98
 GOAL_TTFT_OVERHEAD_MS = 5.0
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_llm.json"
@@ -181,10 +182,11 @@ class RawBench:
 
         self._build_messages = build_messages
         self._sampling = SamplingParams
-        self.resolved = resolve_model(MODEL, progress=log)
+        # Resolved the way the node resolves it: llama_cpp loads the GGUF itself.
+        self.resolved = resolve_model(MODEL, progress=log, prefer_gguf=BACKEND == "llama_cpp")
         self.backend = create_backend(BACKEND)
         t0 = time.monotonic()
-        self.backend.load(BackendConfig(model=self.resolved.path))
+        self.backend.load(BackendConfig(model=self.resolved.path, threads=THREADS))
         self.backend.warmup()
         log(f"raw: loaded {self.resolved.name} in {time.monotonic() - t0:.1f} s: "
             f"{self.backend.describe()}")
@@ -229,7 +231,7 @@ def node_command(max_new_tokens: int) -> List[str]:
             "-p", f"model:={MODEL}", "-p", f"backend:={BACKEND}",
             "-p", f"default_max_new_tokens:={max_new_tokens}",
             "-p", f"default_repetition_penalty:={REPETITION_PENALTY}",
-            "-p", "max_history_turns:=0"]
+            "-p", "max_history_turns:=0", "-p", f"threads:={THREADS}"]
 
 
 def stop_process(proc: subprocess.Popen, timeout_s: float = 15.0) -> None:
@@ -487,6 +489,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--backend", default=BACKEND,
                         help=f"backend on both paths (default {BACKEND}; llama_cpp runs the "
                              f"embedded GGUF directly)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="backend compute threads on both paths (0 = backend default)")
     parser.add_argument("--wait", type=float, default=600.0,
                         help="seconds to wait for the node to load the model (default 600)")
     args = parser.parse_args(argv)
@@ -499,9 +503,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Run both paths, print the JSON report and write it to ``--out``."""
-    global BACKEND
+    global BACKEND, THREADS
     args = parse_args(argv)
-    BACKEND = args.backend
+    BACKEND, THREADS = args.backend, args.threads
     prompts = PROMPTS[:QUICK_PROMPTS] if args.quick else PROMPTS
     with ros_domain() as domain:
         log(f"ROS_DOMAIN_ID={domain}, ROS_AUTOMATIC_DISCOVERY_RANGE="
