@@ -20,14 +20,14 @@ import dataclasses
 import json
 import threading
 from pathlib import Path
-from typing import FrozenSet, Iterator, List, Optional, Sequence
+from typing import FrozenSet, Iterator, Optional, Sequence
 
 from transformers import AutoTokenizer
 
 from slm_ros.backends import trtllm_adapter as adapter
 from slm_ros.backends.base import Backend, BackendConfig
+from slm_ros.backends.hf_tokenizer import HfTokenizerMixin
 from slm_ros.core.errors import ConfigError, ModelLoadError, RequestError
-from slm_ros.core.session import Message
 from slm_ros.core.streaming import iterate_in_thread
 from slm_ros.core.types import FinishReason, SamplingParams
 
@@ -65,7 +65,7 @@ def _eos_ids(engine_dir: Path, tokenizer) -> FrozenSet[int]:
     return frozenset(eos)
 
 
-class TensorRtLlmBackend(Backend):
+class TensorRtLlmBackend(HfTokenizerMixin, Backend):
     """A TensorRT-LLM engine directory, streamed token by token (see the module docstring)."""
 
     name = "tensorrt_llm"
@@ -139,21 +139,8 @@ class TensorRtLlmBackend(Backend):
         :func:`finish_reason_of`); None before the first one ends."""
         return self._last_finish
 
-    def apply_chat_template(self, messages: List[Message], images: Sequence = ()) -> List[int]:
-        if images:
-            raise RequestError(f"the TensorRT-LLM engine {self._info.get('model', '?')} is a text "
-                               f"model and cannot take images")
-        ids = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                  return_dict=False)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return [int(t) for t in ids]
-
-    def count_tokens(self, text: str) -> int:
-        return len(self._tokenizer.encode(text, add_special_tokens=False))
-
-    def decode(self, token_ids: Sequence[int]) -> str:
-        return self._tokenizer.decode(list(token_ids), skip_special_tokens=True)
+    def _text_model_name(self) -> str:
+        return f"the TensorRT-LLM engine {self._info.get('model', '?')}"
 
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams,
                  cancel: threading.Event) -> Iterator[int]:

@@ -8,7 +8,7 @@ checks the cancel flag after every token, so a cancel stops generation within on
 from __future__ import annotations
 
 import threading
-from typing import FrozenSet, Iterator, List, Sequence
+from typing import FrozenSet, Iterator, Sequence
 
 import torch
 import transformers
@@ -16,8 +16,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 from transformers.generation.streamers import BaseStreamer
 
 from slm_ros.backends.base import Backend, BackendConfig
-from slm_ros.core.errors import ConfigError, ModelLoadError, RequestError
-from slm_ros.core.session import Message
+from slm_ros.backends.hf_tokenizer import HfTokenizerMixin
+from slm_ros.core.errors import ConfigError, ModelLoadError
 from slm_ros.core.streaming import iterate_in_thread
 from slm_ros.core.types import SamplingParams
 
@@ -104,7 +104,46 @@ class _TokenStreamer(BaseStreamer):
         pass
 
 
-class TransformersBackend(Backend):
+def generation_config(params: SamplingParams, eos: FrozenSet[int]) -> GenerationConfig:
+    """The ``GenerationConfig`` for one request's sampling settings."""
+    sample = not params.greedy
+    return GenerationConfig(
+        max_new_tokens=params.max_new_tokens,
+        do_sample=sample,
+        temperature=params.temperature if sample else None,
+        top_p=params.top_p if sample and params.top_p < 1.0 else None,
+        top_k=params.top_k if sample and params.top_k > 0 else None,
+        repetition_penalty=params.repetition_penalty,
+        eos_token_id=sorted(eos),
+        pad_token_id=min(eos),
+    )
+
+
+def stream_generate(model, input_ids: "torch.Tensor", params: SamplingParams, eos: FrozenSet[int],
+                    cancel: threading.Event, name: str, **extra) -> Iterator[int]:
+    """Run ``model.generate`` on a worker thread and yield each new token id (shared by the text and
+    vision-language backends; ``extra`` are further model inputs such as ``pixel_values``)."""
+    config = generation_config(params, eos)
+    # Set by the caller (cancel) or when the consumer stops reading (stop string, error).
+    halt = threading.Event()
+
+    def produce(emit) -> None:
+        if params.seed:
+            torch.manual_seed(params.seed)
+        with torch.inference_mode():
+            model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                generation_config=config,
+                streamer=_TokenStreamer(emit),
+                stopping_criteria=[_CancelCriteria(cancel, halt)],
+                **extra,
+            )
+
+    return iterate_in_thread(produce, halt, name=name)
+
+
+class TransformersBackend(HfTokenizerMixin, Backend):
     """Causal language models through ``transformers`` (PyTorch), CPU or CUDA."""
 
     name = "transformers"
@@ -163,54 +202,12 @@ class TransformersBackend(Backend):
     def eos_token_ids(self) -> FrozenSet[int]:
         return self._eos
 
-    def apply_chat_template(self, messages: List[Message], images: Sequence = ()) -> List[int]:
-        if images:
-            raise RequestError(f"model {self._info.get('model', '?')} is a text model and cannot "
-                               f"take images (use the vision node with a vision-language model)")
-        ids = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                  return_dict=False)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return [int(t) for t in ids]
-
-    def count_tokens(self, text: str) -> int:
-        return len(self._tokenizer.encode(text, add_special_tokens=False))
-
-    def decode(self, token_ids: Sequence[int]) -> str:
-        return self._tokenizer.decode(list(token_ids), skip_special_tokens=True)
-
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams,
                  cancel: threading.Event) -> Iterator[int]:
         model = self._model
         input_ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self._device)
-        sample = not params.greedy
-        config = GenerationConfig(
-            max_new_tokens=params.max_new_tokens,
-            do_sample=sample,
-            temperature=params.temperature if sample else None,
-            top_p=params.top_p if sample and params.top_p < 1.0 else None,
-            top_k=params.top_k if sample and params.top_k > 0 else None,
-            repetition_penalty=params.repetition_penalty,
-            eos_token_id=sorted(self._eos),
-            pad_token_id=min(self._eos),
-        )
-
-        # Set by the caller (cancel) or when the consumer stops reading (stop string, error).
-        halt = threading.Event()
-
-        def produce(emit) -> None:
-            if params.seed:
-                torch.manual_seed(params.seed)
-            with torch.inference_mode():
-                model.generate(
-                    input_ids=input_ids,
-                    attention_mask=torch.ones_like(input_ids),
-                    generation_config=config,
-                    streamer=_TokenStreamer(emit),
-                    stopping_criteria=[_CancelCriteria(cancel, halt)],
-                )
-
-        yield from iterate_in_thread(produce, halt, name="slm-transformers-generate")
+        return stream_generate(model, input_ids, params, self._eos, cancel,
+                               name="slm-transformers-generate")
 
     def describe(self) -> dict:
         return dict(self._info)

@@ -26,19 +26,17 @@ import numpy as np
 import torch
 import transformers
 from PIL import Image
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, GenerationConfig
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 from slm_ros.backends.base import Backend, BackendConfig, Prompt
 from slm_ros.backends.transformers_backend import (
-    _CancelCriteria,
-    _TokenStreamer,
     resolve_device,
     resolve_dtype,
+    stream_generate,
 )
 from slm_ros.core.errors import ConfigError, ModelLoadError, RequestError
 from slm_ros.core.session import Message
-from slm_ros.core.streaming import iterate_in_thread
 from slm_ros.core.types import SamplingParams
 
 # Errors transformers raises for a checkpoint it cannot use (missing or malformed files, unknown
@@ -68,21 +66,6 @@ class VlmBackendConfig(BackendConfig):
         for key in self.image_options:
             if not isinstance(key, str) or not key:
                 raise ConfigError(f"image_options keys must be setting names, got {key!r}")
-
-
-def generation_config(params: SamplingParams, eos: FrozenSet[int]) -> GenerationConfig:
-    """The ``GenerationConfig`` for one request's sampling settings."""
-    sample = not params.greedy
-    return GenerationConfig(
-        max_new_tokens=params.max_new_tokens,
-        do_sample=sample,
-        temperature=params.temperature if sample else None,
-        top_p=params.top_p if sample and params.top_p < 1.0 else None,
-        top_k=params.top_k if sample and params.top_k > 0 else None,
-        repetition_penalty=params.repetition_penalty,
-        eos_token_id=sorted(eos),
-        pad_token_id=min(eos),
-    )
 
 
 def _fallback_template(image_token: str) -> str:
@@ -306,24 +289,8 @@ class TransformersVlmBackend(Backend):
         input_ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self._device)
         extra = {name: self._to_device(value)
                  for name, value in getattr(prompt_ids, "inputs", {}).items()}
-        config = generation_config(params, self._eos)
-        # Set by the caller (cancel) or when the consumer stops reading (stop string, error).
-        halt = threading.Event()
-
-        def produce(emit) -> None:
-            if params.seed:
-                torch.manual_seed(params.seed)
-            with torch.inference_mode():
-                model.generate(
-                    input_ids=input_ids,
-                    attention_mask=torch.ones_like(input_ids),
-                    generation_config=config,
-                    streamer=_TokenStreamer(emit),
-                    stopping_criteria=[_CancelCriteria(cancel, halt)],
-                    **extra,
-                )
-
-        yield from iterate_in_thread(produce, halt, name="slm-transformers-vlm-generate")
+        return stream_generate(model, input_ids, params, self._eos, cancel,
+                               name="slm-transformers-vlm-generate", **extra)
 
     def _to_device(self, value: Any) -> Any:
         """Processor outputs onto the model's device; pixel tensors also in the model's dtype."""
