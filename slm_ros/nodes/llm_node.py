@@ -16,10 +16,9 @@ activates itself, so ``ros2 run slm_ros llm_node`` serves right away.
 from __future__ import annotations
 
 import threading
-from typing import Dict, Optional
+from typing import Optional
 
-from rclpy.action import ActionServer, CancelResponse, GoalResponse
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from std_msgs.msg import String
 
 from slm_ros.action import Generate
@@ -50,12 +49,8 @@ class LlmNode(ModelNode):
 
     def __init__(self, node_name: str = "llm", **kwargs) -> None:
         super().__init__(node_name, **kwargs)
-        self._goal_requests: Dict[bytes, str] = {}
-        self._goal_lock = threading.Lock()
         # Commands (prompt/request/cancel) never wait behind a goal; goals run concurrently.
         self._command_group = MutuallyExclusiveCallbackGroup()
-        self._goal_group = ReentrantCallbackGroup()
-        self._action_server = None
 
     def create_interfaces(self) -> None:
         self._tokens_pub = self.create_publisher(TokenChunk, "tokens", qos.TOKEN_STREAM)
@@ -69,19 +64,7 @@ class LlmNode(ModelNode):
             self.create_subscription(String, "cancel", self._on_cancel_topic, qos.COMMANDS,
                                      callback_group=self._command_group),
         ]
-        self._action_server = ActionServer(
-            self, Generate, "generate", execute_callback=self._execute,
-            goal_callback=lambda _goal: GoalResponse.ACCEPT,
-            cancel_callback=self._on_cancel_goal, callback_group=self._goal_group,
-            feedback_pub_qos_profile=qos.ACTION_FEEDBACK,
-            goal_service_qos_profile=qos.ACTION_SERVICES,
-            result_service_qos_profile=qos.ACTION_SERVICES,
-            cancel_service_qos_profile=qos.ACTION_SERVICES)
-
-    def destroy_interfaces(self) -> None:
-        if self._action_server is not None:
-            self._action_server.destroy()
-            self._action_server = None
+        self.create_generation_action(Generate, "generate", self._execute)
 
     # -- requests --------------------------------------------------------------------------------
 
@@ -126,7 +109,6 @@ class LlmNode(ModelNode):
     def _execute(self, goal_handle) -> Generate.Result:
         done, out = threading.Event(), []
         sink = self._sink(goal_handle, done, out)
-        goal_key = bytes(goal_handle.goal_id.uuid)
         engine = self._engine
         try:
             request = request_from_msg(goal_handle.request.request)
@@ -134,26 +116,17 @@ class LlmNode(ModelNode):
             engine.reject(f"invalid request: {exc}", sink, goal_handle.request.request.request_id,
                           goal_handle.request.request.session_id)
         else:
-            with self._goal_lock:
-                self._goal_requests[goal_key] = request.request_id
+            self.track_goal(goal_handle, request.request_id)
             if goal_handle.is_cancel_requested:  # cancelled before we knew its request id
                 engine.cancel(request.request_id)
             engine.submit(request, sink)
         done.wait()
-        with self._goal_lock:
-            self._goal_requests.pop(goal_key, None)
+        self.untrack_goal(goal_handle)
         chunk, text = out[0]
         finish_goal(goal_handle, chunk.finish_reason)
         return Generate.Result(
             request_id=chunk.request_id, text=text, finish_reason=chunk.finish_reason.value,
             error=chunk.error, stats=stats_to_msg(chunk.stats))
-
-    def _on_cancel_goal(self, goal_handle) -> CancelResponse:
-        with self._goal_lock:
-            request_id = self._goal_requests.get(bytes(goal_handle.goal_id.uuid))
-        if request_id is not None and self._engine is not None:
-            self._engine.cancel(request_id)
-        return CancelResponse.ACCEPT
 
 
 def main(args=None) -> int:

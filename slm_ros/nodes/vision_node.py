@@ -25,10 +25,9 @@ import json
 import threading
 import time
 import uuid
-from typing import Dict, Optional
+from typing import Optional
 
-from rclpy.action import ActionServer, CancelResponse, GoalResponse
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.lifecycle import TransitionCallbackReturn
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
@@ -97,12 +96,8 @@ class VisionNode(ModelNode):
         super().__init__(node_name, **kwargs)
         self._slot = FrameSlot(self.resolve_topic_name("image"))
         self._frame_arrived = threading.Condition()
-        self._goal_requests: Dict[bytes, str] = {}
-        self._goal_lock = threading.Lock()
         self._camera_group = MutuallyExclusiveCallbackGroup()   # never waits behind answers
         self._command_group = MutuallyExclusiveCallbackGroup()
-        self._goal_group = ReentrantCallbackGroup()
-        self._action_server = None
         self._periodic_busy = False
         self._last_periodic_frame = None
         self._last_bad_log = 0.0
@@ -128,22 +123,12 @@ class VisionNode(ModelNode):
         if p["periodic_question"] and p["rate_hz"] > 0:
             self._entities.append(self.create_timer(1.0 / p["rate_hz"], self._on_periodic,
                                                     callback_group=self._command_group))
-        self._action_server = ActionServer(
-            self, AskImage, "ask", execute_callback=self._execute,
-            goal_callback=lambda _goal: GoalResponse.ACCEPT,
-            cancel_callback=self._on_cancel_goal, callback_group=self._goal_group,
-            feedback_pub_qos_profile=qos.ACTION_FEEDBACK,
-            goal_service_qos_profile=qos.ACTION_SERVICES,
-            result_service_qos_profile=qos.ACTION_SERVICES,
-            cancel_service_qos_profile=qos.ACTION_SERVICES)
+        self.create_generation_action(AskImage, "ask", self._execute)
 
     def destroy_interfaces(self) -> None:
         if self._entities:
             self.get_logger().info(f"camera: {self.frames_received} frames received, "
                                    f"{self.frames_decoded} decoded")
-        if self._action_server is not None:
-            self._action_server.destroy()
-            self._action_server = None
         self._slot.clear()
 
     def _configure(self, log) -> TransitionCallbackReturn:
@@ -324,10 +309,8 @@ class VisionNode(ModelNode):
     def _execute(self, goal_handle) -> AskImage.Result:
         goal = goal_handle.request
         done, out = threading.Event(), []
-        goal_key = bytes(goal_handle.goal_id.uuid)
         request_id = uuid.uuid4().hex
-        with self._goal_lock:
-            self._goal_requests[goal_key] = request_id
+        self.track_goal(goal_handle, request_id)
         image = goal.image if (goal.image.width or goal.image.height or len(goal.image.data)) \
             else None
         self._submit(goal.question, lambda q, r: self._sink(q, r, goal_handle, done, out),
@@ -336,19 +319,10 @@ class VisionNode(ModelNode):
         if goal_handle.is_cancel_requested and self._engine is not None:
             self._engine.cancel(request_id)
         done.wait()
-        with self._goal_lock:
-            self._goal_requests.pop(goal_key, None)
+        self.untrack_goal(goal_handle)
         chunk, answer = out[0]
         finish_goal(goal_handle, chunk.finish_reason)
         return AskImage.Result(answer=answer)
-
-    def _on_cancel_goal(self, goal_handle) -> CancelResponse:
-        with self._goal_lock:
-            request_id = self._goal_requests.get(bytes(goal_handle.goal_id.uuid))
-        if request_id is not None and self._engine is not None:
-            self._engine.cancel(request_id)
-        return CancelResponse.ACCEPT
-
 
 def _processor_options(text: str) -> dict:
     """The ``processor_options`` parameter: empty or a JSON object; ConfigError otherwise."""

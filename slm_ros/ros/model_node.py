@@ -9,10 +9,13 @@ publishes its health on ``/diagnostics`` (:mod:`slm_ros.ros.diagnostics`) in eve
 
 from __future__ import annotations
 
+import threading
 import traceback
-from typing import Dict, Optional, Sequence, Tuple, Type
+from typing import Callable, Dict, Optional, Sequence, Tuple, Type
 
 import rclpy
+from rclpy.action import ActionServer, CancelResponse, GoalResponse
+from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 
@@ -22,7 +25,7 @@ from slm_ros.core.engine import Engine, EngineConfig
 from slm_ros.core.errors import SlmError
 from slm_ros.core.types import SamplingParams
 from slm_ros.models import resolve_model
-from slm_ros.ros import diagnostics
+from slm_ros.ros import diagnostics, qos
 from slm_ros.ros.builder_wait import wait_for_engine
 from slm_ros.ros.params import ParamSpec, declare_all, values
 
@@ -125,6 +128,11 @@ class ModelNode(LifecycleNode):
         self._backend: Optional[Backend] = None
         self._engine: Optional[Engine] = None
         self._entities = []
+        # Goals run concurrently, each waiting for its request; goal id -> request id for cancels.
+        self._goal_group = ReentrantCallbackGroup()
+        self._goal_requests: Dict[bytes, str] = {}
+        self._goal_lock = threading.Lock()
+        self._action_server: Optional[ActionServer] = None
         self._model_label = ""
         self._configure_error = ""
         self._last_sample: Optional[diagnostics.ModelNodeSample] = None
@@ -144,6 +152,35 @@ class ModelNode(LifecycleNode):
     def create_interfaces(self) -> None:
         """Create topics/actions (called at the end of a successful configure)."""
 
+    def create_generation_action(self, action_type, name: str, execute: Callable) -> None:
+        """The node's streaming action server: every goal accepted, cancel mapped to the engine,
+        feedback and services on the deep QoS profiles (rclpy's depth-10 defaults drop chunks and
+        goals under load)."""
+        self._action_server = ActionServer(
+            self, action_type, name, execute_callback=execute,
+            goal_callback=lambda _goal: GoalResponse.ACCEPT,
+            cancel_callback=self._on_cancel_goal, callback_group=self._goal_group,
+            feedback_pub_qos_profile=qos.ACTION_FEEDBACK,
+            goal_service_qos_profile=qos.ACTION_SERVICES,
+            result_service_qos_profile=qos.ACTION_SERVICES,
+            cancel_service_qos_profile=qos.ACTION_SERVICES)
+
+    def track_goal(self, goal_handle, request_id: str) -> None:
+        """Remember which request a goal runs, so a goal cancel reaches the engine."""
+        with self._goal_lock:
+            self._goal_requests[bytes(goal_handle.goal_id.uuid)] = request_id
+
+    def untrack_goal(self, goal_handle) -> None:
+        with self._goal_lock:
+            self._goal_requests.pop(bytes(goal_handle.goal_id.uuid), None)
+
+    def _on_cancel_goal(self, goal_handle) -> CancelResponse:
+        with self._goal_lock:
+            request_id = self._goal_requests.get(bytes(goal_handle.goal_id.uuid))
+        if request_id is not None and self._engine is not None:
+            self._engine.cancel(request_id)
+        return CancelResponse.ACCEPT
+
     def destroy_interfaces(self) -> None:
         """Destroy what :meth:`create_interfaces` made that is not in ``self._entities``."""
 
@@ -157,7 +194,7 @@ class ModelNode(LifecycleNode):
         return BackendConfig(
             model=model_path, device=p["device"], dtype=p["dtype"],
             max_context_tokens=engine_config.max_context_tokens, threads=p["threads"],
-            **_optional_backend_fields(p))
+            kv_cache_fraction=p["kv_cache_fraction"])
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -276,6 +313,9 @@ class ModelNode(LifecycleNode):
             self._engine.stop("the node is shutting down")
             self._engine = None
         self.destroy_interfaces()
+        if self._action_server is not None:
+            self._action_server.destroy()
+            self._action_server = None
         for entity in self._entities:
             if hasattr(entity, "topic_name") and hasattr(entity, "publish"):
                 self.destroy_publisher(entity)
@@ -287,13 +327,6 @@ class ModelNode(LifecycleNode):
         if self._backend is not None:
             self._backend.close()
             self._backend = None
-
-
-def _optional_backend_fields(p: Dict) -> Dict:
-    """BackendConfig fields that only some versions of the config carry."""
-    import dataclasses
-    names = {f.name for f in dataclasses.fields(BackendConfig)}
-    return {"kv_cache_fraction": p["kv_cache_fraction"]} if "kv_cache_fraction" in names else {}
 
 
 def run(node_cls: Type[ModelNode], args=None, extra_threads: int = 4) -> int:
