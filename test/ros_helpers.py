@@ -79,16 +79,48 @@ class NodeProcess:
         return self.proc.returncode
 
 
-class LlmClient:
+class RosParticipant:
+    """A ROS node in the test process with its own context (so it never shares a domain with
+    another test), spun by a MultiThreadedExecutor on a thread; subclasses create their entities
+    and then call :meth:`start`. ``_cv`` guards what callbacks collect; :meth:`wait_for` waits on
+    it."""
+
+    def __init__(self, domain_id: int, name: str, namespace: str = "/t") -> None:
+        self.context = rclpy.Context()
+        rclpy.init(context=self.context, domain_id=domain_id)
+        self.node = rclpy.create_node(name, namespace=namespace, context=self.context)
+        self._cv = threading.Condition()
+
+    def start(self, threads: int = 4) -> None:
+        self.executor = MultiThreadedExecutor(num_threads=threads, context=self.context)
+        self.executor.add_node(self.node)
+        self._thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self._thread.start()
+
+    def wait_for(self, predicate, timeout: float = 60.0) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while not predicate():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cv.wait(timeout=left)
+            return True
+
+    def close(self) -> None:
+        self.executor.shutdown()
+        self._thread.join(timeout=5)
+        self.node.destroy_node()
+        rclpy.try_shutdown(context=self.context)
+
+
+class LlmClient(RosParticipant):
     """A client node in the test process: topics, the generate action, and every chunk seen."""
 
     def __init__(self, domain_id: int, namespace: str = "/t") -> None:
-        self.context = rclpy.Context()
-        rclpy.init(context=self.context, domain_id=domain_id)
-        self.node = rclpy.create_node("test_client", namespace=namespace, context=self.context)
+        super().__init__(domain_id, "test_client", namespace)
         self.chunks: Dict[str, List[TokenChunk]] = collections.defaultdict(list)
         self.responses: List[str] = []
-        self._cv = threading.Condition()
         self.node.create_subscription(TokenChunk, "tokens", self._on_chunk, qos.TOKEN_STREAM)
         self.node.create_subscription(String, "response", self._on_response, qos.RESULTS)
         self.prompt_pub = self.node.create_publisher(String, "prompt", qos.COMMANDS)
@@ -96,10 +128,7 @@ class LlmClient:
         self.cancel_pub = self.node.create_publisher(String, "cancel", qos.COMMANDS)
         self.action = ActionClient(self.node, Generate, "generate",
                                    feedback_sub_qos_profile=qos.ACTION_FEEDBACK)
-        self.executor = MultiThreadedExecutor(num_threads=4, context=self.context)
-        self.executor.add_node(self.node)
-        self._thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self._thread.start()
+        self.start()
 
     def _on_chunk(self, msg: TokenChunk) -> None:
         with self._cv:
@@ -123,16 +152,6 @@ class LlmClient:
                 return
             time.sleep(0.05)
         raise AssertionError("llm node topics not matched")
-
-    def wait_for(self, predicate, timeout: float = 60.0) -> bool:
-        deadline = time.monotonic() + timeout
-        with self._cv:
-            while not predicate():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cv.wait(timeout=left)
-            return True
 
     def finals(self) -> Dict[str, List[TokenChunk]]:
         with self._cv:
@@ -168,13 +187,6 @@ class LlmClient:
         handle = wait_future(future)
         assert handle.accepted
         return handle
-
-    def close(self) -> None:
-        self.executor.shutdown()
-        self._thread.join(timeout=5)
-        self.node.destroy_node()
-        rclpy.try_shutdown(context=self.context)
-
 
 def wait_future(future, timeout: float = 60.0):
     """Wait for an rclpy future that another thread's executor completes."""

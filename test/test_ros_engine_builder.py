@@ -2,37 +2,28 @@
 real DDS on loopback, real builds of a tiny real model into a real cache directory."""
 
 import json
-import threading
 import time
 from pathlib import Path
 
 import pytest
-import rclpy
 from rclpy.action import ActionClient
-from rclpy.executors import MultiThreadedExecutor
 
-from ros_helpers import LlmClient, NodeProcess, wait_future
+from ros_helpers import LlmClient, NodeProcess, RosParticipant, wait_future
 from slm_ros.action import BuildEngine
 from slm_ros.msg import EngineStatus
 from slm_ros.ros import qos
 
 
-class StatusClient:
+class StatusClient(RosParticipant):
     """Subscribes engine_status (transient local) from the test process and keeps every state."""
 
     def __init__(self, domain_id: int, namespace: str = "/t") -> None:
-        self.context = rclpy.Context()
-        rclpy.init(context=self.context, domain_id=domain_id)
-        self.node = rclpy.create_node("status_client", namespace=namespace, context=self.context)
+        super().__init__(domain_id, "status_client", namespace)
         self.statuses = []
-        self._cv = threading.Condition()
         self.node.create_subscription(EngineStatus, "engine_status", self._on_status,
                                       qos.ENGINE_STATUS)
         self.action = ActionClient(self.node, BuildEngine, "build_engine")
-        self.executor = MultiThreadedExecutor(num_threads=2, context=self.context)
-        self.executor.add_node(self.node)
-        self._thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self._thread.start()
+        self.start(threads=2)
 
     def _on_status(self, msg) -> None:
         with self._cv:
@@ -48,11 +39,6 @@ class StatusClient:
                 self._cv.wait(timeout=left)
             return self.statuses[-1]
 
-    def close(self) -> None:
-        self.executor.shutdown()
-        self._thread.join(timeout=5)
-        self.node.destroy_node()
-        rclpy.try_shutdown(context=self.context)
 
 
 def _builder(did, tmp_path, cache, model, **params):

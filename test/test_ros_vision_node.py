@@ -4,20 +4,17 @@ loopback, a tiny real (random-weight) LLaVA-style VLM built offline."""
 import array
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-import rclpy
 from rclpy.action import ActionClient
-from rclpy.executors import MultiThreadedExecutor
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
 
-from ros_helpers import (NodeProcess, _die_with_parent, assert_feedback_ok, assert_stream_ok,
+from ros_helpers import (NodeProcess, RosParticipant, _die_with_parent, assert_feedback_ok, assert_stream_ok,
                          wait_future)
 from slm_ros.action import AskImage
 from slm_ros.msg import TokenChunk, VisionAnswer
@@ -32,18 +29,14 @@ def vlm_dir(tmp_path_factory):
     return build_tiny_llava(tmp_path_factory.mktemp("tiny-llava") / "model")
 
 
-class VisionClient:
+class VisionClient(RosParticipant):
     """Test-side ROS participant: image publishers, question publisher, answer subscribers, the
-    ask action. Its own context, so it never shares a domain with another test."""
+    ask action."""
 
     def __init__(self, domain_id: int, namespace: str = "/t") -> None:
-        self.context = rclpy.Context()
-        rclpy.init(context=self.context, domain_id=domain_id)
-        self.node = rclpy.create_node("vision_test_client", namespace=namespace,
-                                      context=self.context)
+        super().__init__(domain_id, "vision_test_client", namespace)
         self.answers = []
         self.chunks = {}
-        self._cv = threading.Condition()
         # Reliable publishers: the node's best-effort subscriptions must match them too.
         self.image_pub = self.node.create_publisher(Image, "image", 1)
         self.compressed_pub = self.node.create_publisher(CompressedImage, "image/compressed", 1)
@@ -53,10 +46,7 @@ class VisionClient:
                                       qos.TOKEN_STREAM)
         self.action = ActionClient(self.node, AskImage, "ask",
                                    feedback_sub_qos_profile=qos.ACTION_FEEDBACK)
-        self.executor = MultiThreadedExecutor(num_threads=4, context=self.context)
-        self.executor.add_node(self.node)
-        self._thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self._thread.start()
+        self.start()
 
     def _on_answer(self, msg) -> None:
         with self._cv:
@@ -69,14 +59,7 @@ class VisionClient:
             self._cv.notify_all()
 
     def wait_for(self, predicate, timeout: float = 30.0) -> bool:
-        deadline = time.monotonic() + timeout
-        with self._cv:
-            while not predicate():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cv.wait(timeout=left)
-            return True
+        return super().wait_for(predicate, timeout)
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         assert self.action.wait_for_server(timeout_sec=timeout), "vision node ask action not found"
@@ -126,12 +109,6 @@ class VisionClient:
             goal, feedback_callback=on_feedback if feedback is not None else None))
         assert handle.accepted
         return handle
-
-    def close(self) -> None:
-        self.executor.shutdown()
-        self._thread.join(timeout=5)
-        self.node.destroy_node()
-        rclpy.try_shutdown(context=self.context)
 
 
 def _start_node(did, tmp_path_factory, vlm_dir, name, **params):
