@@ -83,6 +83,43 @@ def _ros_args(args, namespace: str) -> List[str]:
     return ros
 
 
+def _stream_goal(node, client, goal, result_text, out):
+    """Send ``goal``, print its feedback chunks as they arrive, wait for the result (Ctrl-C cancels
+    the goal). Returns (result, monotonic time of the first text chunk or 0.0).
+
+    The result (a service reply) may overtake the last feedback messages, and rclpy drops feedback
+    that arrives after the result: whatever the feedback did not carry is printed from
+    ``result_text(result)``.
+    """
+    import rclpy
+    first = []
+    printed = []
+
+    def on_feedback(feedback) -> None:
+        chunk = feedback.feedback.chunk
+        if not first and chunk.text:
+            first.append(time.monotonic())
+        printed.append(chunk.text)
+        out.write(chunk.text)
+        out.flush()
+
+    send = client.send_goal_async(goal, feedback_callback=on_feedback)
+    rclpy.spin_until_future_complete(node, send)
+    handle = send.result()
+    result_future = handle.get_result_async()
+    try:
+        rclpy.spin_until_future_complete(node, result_future)
+    except KeyboardInterrupt:
+        handle.cancel_goal_async()
+        rclpy.spin_until_future_complete(node, result_future, timeout_sec=5.0)
+    result = result_future.result().result
+    shown, text = "".join(printed), result_text(result)
+    if text.startswith(shown):
+        out.write(text[len(shown):])
+    out.write("\n")
+    return result, (first[0] if first else 0.0)
+
+
 def ask(prompt: str, namespace: str = DEFAULT_NAMESPACE, session: str = "", system: str = "",
         reset: bool = False, sampling: Optional[dict] = None, wait_s: float = 30.0,
         out=sys.stdout) -> int:
@@ -111,35 +148,9 @@ def ask(prompt: str, namespace: str = DEFAULT_NAMESPACE, session: str = "", syst
         for key, value in (sampling or {}).items():
             setattr(goal.request.sampling, key, value)
         t0 = time.monotonic()
-        first = []
-        printed = []
-
-        def on_feedback(feedback) -> None:
-            chunk = feedback.feedback.chunk
-            if not first and chunk.text:
-                first.append(time.monotonic())
-            printed.append(chunk.text)
-            out.write(chunk.text)
-            out.flush()
-
-        send = client.send_goal_async(goal, feedback_callback=on_feedback)
-        rclpy.spin_until_future_complete(node, send)
-        handle = send.result()
-        result_future = handle.get_result_async()
-        try:
-            rclpy.spin_until_future_complete(node, result_future)
-        except KeyboardInterrupt:
-            handle.cancel_goal_async()
-            rclpy.spin_until_future_complete(node, result_future, timeout_sec=5.0)
-        result = result_future.result().result
-        # The result (a service reply) may overtake the last feedback messages, and rclpy drops
-        # feedback that arrives after the result: print what the feedback did not carry.
-        shown = "".join(printed)
-        if result.text.startswith(shown):
-            out.write(result.text[len(shown):])
-        out.write("\n")
+        result, first = _stream_goal(node, client, goal, lambda r: r.text, out)
         s = result.stats
-        client_ttft = (first[0] - t0) * 1e3 if first else 0.0
+        client_ttft = (first - t0) * 1e3 if first else 0.0
         print(f"[{result.finish_reason}] {s.completion_tokens} tokens, TTFT {client_ttft:.0f} ms "
               f"(node {s.time_to_first_token_ms:.0f} ms), {s.tokens_per_second:.1f} tokens/s, "
               f"prompt {s.prompt_tokens} tokens", file=sys.stderr)
@@ -228,26 +239,8 @@ def look(question: str, namespace: str = DEFAULT_NAMESPACE, image_path: str = ""
             # array('B') is rclpy's fast path for uint8[] (bytes is checked element-wise).
             goal.image.data = array.array("B", image.tobytes())
             goal.image.header.frame_id = image_path
-        printed = []
-
-        def on_feedback(feedback) -> None:
-            printed.append(feedback.feedback.chunk.text)
-            out.write(feedback.feedback.chunk.text)
-            out.flush()
-
-        send = client.send_goal_async(goal, feedback_callback=on_feedback)
-        rclpy.spin_until_future_complete(node, send)
-        result_future = send.result().get_result_async()
-        try:
-            rclpy.spin_until_future_complete(node, result_future)
-        except KeyboardInterrupt:
-            send.result().cancel_goal_async()
-            rclpy.spin_until_future_complete(node, result_future, timeout_sec=5.0)
-        answer = result_future.result().result.answer
-        shown = "".join(printed)
-        if answer.text.startswith(shown):
-            out.write(answer.text[len(shown):])
-        out.write("\n")
+        result, _ = _stream_goal(node, client, goal, lambda r: r.answer.text, out)
+        answer = result.answer
         stamp = answer.header.stamp.sec + answer.header.stamp.nanosec * 1e-9
         print(f"[{answer.finish_reason}] frame {answer.header.frame_id or '-'} @ {stamp:.3f} "
               f"(age {answer.frame_age_ms:.0f} ms), {answer.stats.completion_tokens} tokens, TTFT "
