@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from engine_helpers import Collector
 from slm_ros.backends.base import BackendConfig
 from slm_ros.backends.registry import create_backend
 from slm_ros.core.engine import Engine, EngineConfig
@@ -23,28 +24,6 @@ def backend(tiny_model_dir):
     b.load(BackendConfig(model=tiny_model_dir, device="cpu", dtype="float32"))
     yield b
     b.close()
-
-
-class Collector:
-    """Sink that records every chunk per request and signals final chunks."""
-
-    def __init__(self):
-        self.chunks = {}
-        self.cv = threading.Condition()
-
-    def __call__(self, chunk):
-        with self.cv:
-            self.chunks.setdefault(chunk.request_id, []).append(chunk)
-            self.cv.notify_all()
-
-    def final(self, rid, timeout=30):
-        with self.cv:
-            assert self.cv.wait_for(lambda: any(c.is_final for c in self.chunks.get(rid, ())),
-                                    timeout), f"no final chunk for {rid}"
-            return [c for c in self.chunks[rid] if c.is_final][0]
-
-    def text(self, rid):
-        return "".join(c.text for c in self.chunks[rid])
 
 
 @pytest.fixture

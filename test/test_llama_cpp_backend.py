@@ -11,6 +11,7 @@ import pytest
 llama_cpp = pytest.importorskip(
     "llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python==0.3.36)")
 
+from engine_helpers import Collector  # noqa: E402
 from slm_ros.backends.base import BackendConfig  # noqa: E402
 from slm_ros.backends.registry import available_backends, choose_backend, create_backend  # noqa: E402
 from slm_ros.build.builder import Builder  # noqa: E402
@@ -37,28 +38,6 @@ def backend(gguf):
     b.load(BackendConfig(model=gguf, device="cpu", max_context_tokens=2048))
     yield b
     b.close()
-
-
-class Collector:
-    """Sink recording every chunk per request; waits for final chunks."""
-
-    def __init__(self):
-        self.chunks = {}
-        self.cv = threading.Condition()
-
-    def __call__(self, chunk):
-        with self.cv:
-            self.chunks.setdefault(chunk.request_id, []).append(chunk)
-            self.cv.notify_all()
-
-    def final(self, rid, timeout=60):
-        with self.cv:
-            assert self.cv.wait_for(lambda: any(c.is_final for c in self.chunks.get(rid, ())),
-                                    timeout), f"no final chunk for {rid}"
-            return self.chunks[rid][-1]
-
-    def text(self, rid):
-        return "".join(c.text for c in self.chunks[rid])
 
 
 @pytest.fixture
@@ -154,7 +133,7 @@ def test_greedy_matches_llama_cpp_own_completion(backend, gguf):
 def test_streamed_equals_non_streamed_through_the_engine(backend, engine):
     ids = backend.apply_chat_template([{"role": "user", "content": "Describe a kitchen robot."}])
     direct = list(backend.generate(ids, GREEDY, threading.Event()))
-    sink = Collector()
+    sink = Collector(timeout=60)
     rid = engine.submit(Request(prompt="Describe a kitchen robot.", session_id=uuid.uuid4().hex),
                         sink)
     final = sink.final(rid)
@@ -187,7 +166,7 @@ def test_sampling_is_reproducible_with_a_seed(backend):
 
 
 def test_eos_ends_with_finish_reason_stop(engine, backend):
-    sink = Collector()
+    sink = Collector(timeout=60)
     rid = engine.submit(Request(prompt="What is the capital of France?",
                                 sampling=SamplingOverrides(max_new_tokens=100,
                                                            repetition_penalty=1.1)), sink)
@@ -199,7 +178,7 @@ def test_eos_ends_with_finish_reason_stop(engine, backend):
 
 
 def test_max_new_tokens_ends_with_length(engine):
-    sink = Collector()
+    sink = Collector(timeout=60)
     rid = engine.submit(Request(prompt="Write a long story about a robot.",
                                 sampling=SamplingOverrides(max_new_tokens=5)), sink)
     final = sink.final(rid)
@@ -207,7 +186,7 @@ def test_max_new_tokens_ends_with_length(engine):
 
 
 def test_stop_string_cuts_the_stream(engine):
-    sink = Collector()
+    sink = Collector(timeout=60)
     prompt = "Describe a kitchen robot."
     rid = engine.submit(Request(prompt=prompt, session_id="free", reset_session=True), sink)
     sink.final(rid)
