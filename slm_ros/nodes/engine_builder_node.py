@@ -182,7 +182,7 @@ class EngineBuilderNode(Node):
                 return self.publish_status(EngineStatus.STATE_FAILED, error="cancelled", **ident)
             self._cancel = cancel
             try:
-                spec = spec_from_params(p, overrides, progress=log.info)
+                spec = spec_from_params(merged, progress=log.info)
                 ident["model"] = spec.model
                 self._last_phase = ""
 
