@@ -39,6 +39,8 @@ def main(argv=None) -> int:
                         help="reliable publisher (default: best effort, like most drivers)")
     parser.add_argument("--stamps", default="", help="file to append 'sec nanosec' per frame")
     parser.add_argument("--duration", type=float, default=0.0, help="seconds; 0 = until killed")
+    parser.add_argument("--wait-subscribers", type=int, default=0,
+                        help="publish only once this many subscriptions have matched (max 60 s)")
     args = parser.parse_args(argv)
 
     rclpy.init()
@@ -49,6 +51,10 @@ def main(argv=None) -> int:
     # Pre-render a few frames: the publisher must keep its rate on a loaded machine.
     # array('B') is rclpy's fast path for uint8[] (bytes would be checked element by element).
     frames = [array.array("B", frame(args.width, args.height, n).tobytes()) for n in range(8)]
+    deadline = time.monotonic() + 60.0
+    while (rclpy.ok() and pub.get_subscription_count() < args.wait_subscribers
+           and time.monotonic() < deadline):
+        time.sleep(0.02)
     period = 1.0 / args.rate
     start = time.monotonic()
     n = 0
