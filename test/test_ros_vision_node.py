@@ -10,15 +10,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from rclpy.action import ActionClient
 from sensor_msgs.msg import CompressedImage, Image
-from std_msgs.msg import String
 
-from ros_helpers import (NodeProcess, RosParticipant, _die_with_parent, assert_feedback_ok, assert_stream_ok,
-                         wait_future)
-from slm_ros.action import AskImage
-from slm_ros.msg import TokenChunk, VisionAnswer
-from slm_ros.ros import qos
+from ros_helpers import (NodeProcess, VisionClient, _die_with_parent, assert_feedback_ok,
+                         assert_stream_ok, wait_future)
 from vlm_fixtures import build_tiny_llava
 
 HERE = Path(__file__).parent
@@ -27,88 +22,6 @@ HERE = Path(__file__).parent
 @pytest.fixture(scope="module")
 def vlm_dir(tmp_path_factory):
     return build_tiny_llava(tmp_path_factory.mktemp("tiny-llava") / "model")
-
-
-class VisionClient(RosParticipant):
-    """Test-side ROS participant: image publishers, question publisher, answer subscribers, the
-    ask action."""
-
-    def __init__(self, domain_id: int, namespace: str = "/t") -> None:
-        super().__init__(domain_id, "vision_test_client", namespace)
-        self.answers = []
-        self.chunks = {}
-        # Reliable publishers: the node's best-effort subscriptions must match them too.
-        self.image_pub = self.node.create_publisher(Image, "image", 1)
-        self.compressed_pub = self.node.create_publisher(CompressedImage, "image/compressed", 1)
-        self.question_pub = self.node.create_publisher(String, "question", qos.COMMANDS)
-        self.node.create_subscription(VisionAnswer, "answer", self._on_answer, qos.RESULTS)
-        self.node.create_subscription(TokenChunk, "answer_tokens", self._on_chunk,
-                                      qos.TOKEN_STREAM)
-        self.action = ActionClient(self.node, AskImage, "ask",
-                                   feedback_sub_qos_profile=qos.ACTION_FEEDBACK)
-        self.start()
-
-    def _on_answer(self, msg) -> None:
-        with self._cv:
-            self.answers.append(msg)
-            self._cv.notify_all()
-
-    def _on_chunk(self, msg) -> None:
-        with self._cv:
-            self.chunks.setdefault(msg.request_id, []).append(msg)
-            self._cv.notify_all()
-
-    def wait_for(self, predicate, timeout: float = 30.0) -> bool:
-        return super().wait_for(predicate, timeout)
-
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        assert self.action.wait_for_server(timeout_sec=timeout), "vision node ask action not found"
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if (self.image_pub.get_subscription_count() and
-                    self.compressed_pub.get_subscription_count() and
-                    self.question_pub.get_subscription_count()):
-                return
-            time.sleep(0.05)
-        raise AssertionError("vision node subscriptions not matched")
-
-    def ask_topic(self, question: str, timeout: float = 30.0) -> VisionAnswer:
-        """Publish a question, return the next answer to it."""
-        with self._cv:
-            before = len(self.answers)
-        self.question_pub.publish(String(data=question))
-        assert self.wait_for(lambda: any(a.question == question
-                                         for a in self.answers[before:]), timeout)
-        return [a for a in self.answers[before:] if a.question == question][0]
-
-    def publish_raw(self, encoding, width, height, step, data, frame_id="test") -> Image:
-        msg = Image(encoding=encoding, width=width, height=height, step=step,
-                    data=array.array("B", bytes(data)))
-        msg.header.stamp = self.node.get_clock().now().to_msg()
-        msg.header.frame_id = frame_id
-        self.image_pub.publish(msg)
-        return msg
-
-    def publish_rgb(self, rgb: np.ndarray, frame_id="test") -> Image:
-        h, w = rgb.shape[:2]
-        return self.publish_raw("rgb8", w, h, w * 3, rgb.tobytes(), frame_id)
-
-    def send_goal(self, question: str, feedback=None, image: Image = None, **sampling):
-        goal = AskImage.Goal(question=question)
-        if image is not None:
-            goal.image = image
-        for key, value in sampling.items():
-            setattr(goal.sampling, key, value)
-
-        def on_feedback(fb) -> None:
-            with self._cv:
-                feedback.append(fb.feedback.chunk)
-                self._cv.notify_all()
-
-        handle = wait_future(self.action.send_goal_async(
-            goal, feedback_callback=on_feedback if feedback is not None else None))
-        assert handle.accepted
-        return handle
 
 
 def _start_node(did, tmp_path_factory, vlm_dir, name, **params):

@@ -1,22 +1,63 @@
-"""The interface every model backend implements."""
+"""The interfaces model backends implement.
+
+Two kinds, one lifecycle (:class:`BackendBase`): a :class:`Backend` runs the model in this process
+and streams token ids (the engine detokenizes, applies stop strings and budgets the context); a
+:class:`TextStreamBackend` hands the whole conversation to something that streams text back (a
+remote OpenAI-compatible server) and may run several requests at once.
+"""
 
 from __future__ import annotations
 
 import abc
 import dataclasses
 import threading
-from typing import Any, ClassVar, Dict, FrozenSet, Iterator, List, Sequence
+from typing import Any, ClassVar, Dict, FrozenSet, Iterator, List, Optional, Sequence
 
+from slm_ros.core.errors import ConfigError
 from slm_ros.core.session import Message
 from slm_ros.core.types import SamplingParams
+
+
+@dataclasses.dataclass(frozen=True)
+class RemoteConfig:
+    """Where and how a :class:`TextStreamBackend` reaches its server (the ``remote.*`` parameters).
+
+    The API key is never a value here: ``api_key_env`` names the environment variable holding it.
+    """
+
+    base_url: str = "http://127.0.0.1:8000/v1"
+    api_key_env: str = "SLM_ROS_API_KEY"
+    connect_timeout_s: float = 5.0
+    first_token_timeout_s: float = 60.0
+    token_timeout_s: float = 30.0
+    max_in_flight: int = 4
+    max_retries: int = 2
+    max_retry_wait_s: float = 30.0
+    extra_sampling: bool = True
+
+    def __post_init__(self) -> None:
+        url = self.base_url.strip()
+        if not url.startswith(("http://", "https://")) or len(url.split("://", 1)[1]) < 1:
+            raise ConfigError(f"remote.base_url must be an http:// or https:// URL such as "
+                              f"http://gpu-server:8000/v1, got {self.base_url!r}")
+        for name in ("connect_timeout_s", "first_token_timeout_s", "token_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"remote.{name} must be > 0 seconds, got {getattr(self, name)}")
+        if self.max_in_flight < 1:
+            raise ConfigError(f"remote.max_in_flight must be >= 1, got {self.max_in_flight}")
+        if self.max_retries < 0:
+            raise ConfigError(f"remote.max_retries must be >= 0, got {self.max_retries}")
+        if self.max_retry_wait_s < 0:
+            raise ConfigError(f"remote.max_retry_wait_s must be >= 0, got {self.max_retry_wait_s}")
 
 
 @dataclasses.dataclass(frozen=True)
 class BackendConfig:
     """What a backend needs to load a model.
 
-    ``model`` is a resolved local path (checkpoint directory or GGUF file); ``device`` is
-    ``auto``/``cpu``/``cuda``/``cuda:N``; ``dtype`` is ``auto``/``float32``/``bfloat16``/``float16``.
+    ``model`` is a resolved local path (checkpoint directory or GGUF file), or for a remote backend
+    the served model's name; ``device`` is ``auto``/``cpu``/``cuda``/``cuda:N``; ``dtype`` is
+    ``auto``/``float32``/``bfloat16``/``float16``.
     """
 
     model: str
@@ -27,6 +68,8 @@ class BackendConfig:
     #: tensorrt_llm only: fraction of free GPU memory the KV cache may take. TensorRT-LLM's own default
     #: (0.9) would take nearly all of a Jetson's memory, which the GPU shares with the CPU and ROS.
     kv_cache_fraction: float = 0.5
+    #: Remote backends (``openai``) only: the server and how to talk to it.
+    remote: RemoteConfig = dataclasses.field(default_factory=RemoteConfig)
 
 
 class Prompt(list):
@@ -43,16 +86,18 @@ class Prompt(list):
         self.inputs: Dict[str, Any] = dict(inputs or {})
 
 
-class Backend(abc.ABC):
-    """A loaded model that turns prompt token ids into a stream of new token ids.
+class BackendBase(abc.ABC):
+    """What every backend has: a name, a load/close lifecycle and facts for diagnostics.
 
-    Lifecycle: construct, :meth:`load`, any number of :meth:`generate` calls (one at a time),
-    :meth:`close`. Implementations must not import rclpy.
+    Lifecycle: construct, :meth:`load`, :meth:`warmup`, any number of generations, :meth:`close`.
+    Implementations must not import rclpy.
     """
 
     name: ClassVar[str] = ""
-    #: True for vision-language backends: apply_chat_template accepts images.
+    #: True for backends that accept images with the last user message.
     supports_images: ClassVar[bool] = False
+    #: True when the model runs elsewhere: ``model`` is a served model's name, not a local path.
+    remote: ClassVar[bool] = False
 
     @abc.abstractmethod
     def load(self, config: BackendConfig) -> None:
@@ -61,7 +106,27 @@ class Backend(abc.ABC):
     @property
     @abc.abstractmethod
     def context_length(self) -> int:
-        """Maximum tokens (prompt + generated) the loaded model accepts."""
+        """Maximum tokens (prompt + generated) the loaded model accepts; 0 = not known here."""
+
+    @property
+    def max_concurrency(self) -> int:
+        """Requests the backend runs at once (the engine starts this many workers)."""
+        return 1
+
+    def warmup(self) -> None:
+        """Pay one-time setup costs before the first real request."""
+
+    def describe(self) -> dict:
+        """Facts about the loaded model for logs and diagnostics."""
+        return {"backend": self.name}
+
+    def close(self) -> None:
+        """Free the model's memory. The backend may not be used afterwards."""
+
+
+class Backend(BackendBase):
+    """A model in this process that turns prompt token ids into a stream of new token ids, one
+    request at a time."""
 
     @property
     @abc.abstractmethod
@@ -100,9 +165,37 @@ class Backend(abc.ABC):
         for _ in self.generate(ids, SamplingParams(max_new_tokens=2), threading.Event()):
             pass
 
-    def describe(self) -> dict:
-        """Facts about the loaded model for logs and diagnostics."""
-        return {"backend": self.name}
+
+class TextStream(abc.ABC):
+    """One streaming generation of a :class:`TextStreamBackend`: iterate for text deltas.
+
+    Iteration raises :class:`~slm_ros.core.errors.BackendError` (its message names the server and
+    what happened) when the generation fails; text already yielded stays valid. After iteration
+    ends normally ``finish_reason`` is ``"stop"``, ``"length"`` or ``"cancelled"``, and the token
+    counts are the server's when it reported usage (None otherwise).
+    """
+
+    finish_reason: str = "stop"
+    prompt_tokens: Optional[int] = None
+    completion_tokens: Optional[int] = None
+
+    @abc.abstractmethod
+    def __iter__(self) -> Iterator[str]:
+        """The text deltas, in order."""
 
     def close(self) -> None:
-        """Free the model's memory. The backend may not be used afterwards."""
+        """End early (e.g. a stop string was found): the server sees the request end."""
+
+
+class TextStreamBackend(BackendBase):
+    """A backend that takes chat messages and streams text back (no token ids, no local
+    tokenizer): a client of a model served elsewhere."""
+
+    @abc.abstractmethod
+    def stream_chat(self, messages: List[Message], images: Sequence[Any], params: SamplingParams,
+                    cancel: threading.Event) -> TextStream:
+        """Start one generation. ``images`` (RGB uint8 arrays) belong to the last user message.
+
+        Once ``cancel`` is set the stream ends within a moment with ``finish_reason``
+        ``"cancelled"`` and the server sees the request end.
+        """

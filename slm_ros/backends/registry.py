@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Dict, Tuple
 
-from slm_ros.backends.base import Backend
+from slm_ros.backends.base import BackendBase
 from slm_ros.core.errors import BackendUnavailable, ConfigError
 
 # (modality, name) -> (module, class). Imported lazily: torch / tensorrt_llm are heavy and may be
@@ -17,8 +17,10 @@ _BACKENDS: Dict[Tuple[str, str], Tuple[str, str]] = {
     ("text", "transformers"): ("slm_ros.backends.transformers_backend", "TransformersBackend"),
     ("text", "tensorrt_llm"): ("slm_ros.backends.tensorrt_llm_backend", "TensorRtLlmBackend"),
     ("text", "llama_cpp"): ("slm_ros.backends.llama_cpp_backend", "LlamaCppBackend"),
+    ("text", "openai"): ("slm_ros.backends.openai_backend", "OpenAiBackend"),
     ("vision", "transformers"): ("slm_ros.backends.transformers_vlm_backend",
                                  "TransformersVlmBackend"),
+    ("vision", "openai"): ("slm_ros.backends.openai_backend", "OpenAiBackend"),
 }
 
 MODALITIES = ("text", "vision")
@@ -31,7 +33,7 @@ def available_backends(modality: str = "text") -> Tuple[str, ...]:
     return tuple(sorted(name for (kind, name) in _BACKENDS if kind == modality))
 
 
-def create_backend(name: str, modality: str = "text") -> Backend:
+def create_backend(name: str, modality: str = "text") -> BackendBase:
     """Instantiate the backend called ``name`` for ``modality`` (not loaded yet).
 
     Raises :class:`ConfigError` for an unknown name and :class:`BackendUnavailable`, with the missing

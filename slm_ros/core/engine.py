@@ -1,10 +1,14 @@
-"""The request engine: one bounded FIFO queue, one worker, exactly one final chunk per request.
+"""The request engine: one bounded FIFO queue, workers, exactly one final chunk per request.
 
 Requests from every source (topic, action, CLI, tests) go through :meth:`Engine.submit`. Each request
 gets a stream of :class:`~slm_ros.core.types.Chunk` objects delivered to its ``sink`` callback, seq
 0, 1, 2, ... and exactly one final chunk - on success, on a bad request, when the queue is full, when
 cancelled, when the backend fails and when the engine stops. The engine never raises into its callers
-for a bad request and its worker never dies on a failed one.
+for a bad request and its workers never die on a failed one.
+
+A local model (:class:`~slm_ros.backends.base.Backend`) gets one worker: requests run one at a time,
+token ids detokenized here. A :class:`~slm_ros.backends.base.TextStreamBackend` (a remote server)
+gets as many workers as it runs requests at once, and streams text.
 """
 
 from __future__ import annotations
@@ -16,11 +20,11 @@ import logging
 import threading
 import time
 import uuid
-from typing import Callable, Deque, List, Optional
+from typing import Callable, Deque, List, Optional, Set
 
-from slm_ros.backends.base import Backend
-from slm_ros.core.errors import ConfigError, RequestError, SlmError
-from slm_ros.core.session import SessionStore, Turn, fit_prompt
+from slm_ros.backends.base import BackendBase, TextStreamBackend
+from slm_ros.core.errors import BackendError, ConfigError, RequestError, SlmError
+from slm_ros.core.session import SessionStore, Turn, build_messages, fit_prompt
 from slm_ros.core.streaming import IncrementalDetokenizer, StopStringFilter
 from slm_ros.core.types import Chunk, FinishReason, Request, SamplingParams, Stats
 
@@ -95,23 +99,27 @@ class _Job:
 class Engine:
     """Serialises generation on one backend; see the module docstring for the guarantees."""
 
-    def __init__(self, backend: Backend, config: EngineConfig, logger=None) -> None:
+    def __init__(self, backend: BackendBase, config: EngineConfig, logger=None) -> None:
         self._backend = backend
         self._config = config
         self._log = logger or logging.getLogger("slm_ros.engine")
         self._sessions = SessionStore(max_turns=config.max_history_turns)
         self._queue: Deque[_Job] = collections.deque()
-        self._active: Optional[_Job] = None
+        self._active: Set[_Job] = set()
         self._lock = threading.Condition()
         self._running = False
-        self._thread: Optional[threading.Thread] = None
+        self._workers = max(1, backend.max_concurrency)
+        self._threads: List[threading.Thread] = []
         self.counters = EngineCounters()
         ctx = backend.context_length
-        self._context = min(ctx, config.max_context_tokens) if config.max_context_tokens else ctx
+        if config.max_context_tokens:
+            ctx = min(ctx, config.max_context_tokens) if ctx else config.max_context_tokens
+        self._context = ctx
 
     @property
     def context_tokens(self) -> int:
-        """Tokens available per request (prompt + answer)."""
+        """Tokens available per request (prompt + answer); 0 = not known here (a remote server
+        enforces its own)."""
         return self._context
 
     @property
@@ -122,17 +130,25 @@ class Engine:
 
     @property
     def busy(self) -> bool:
+        """True while any request is being generated."""
         with self._lock:
-            return self._active is not None
+            return bool(self._active)
+
+    @property
+    def workers(self) -> int:
+        """Requests generated at once."""
+        return self._workers
 
     def start(self) -> None:
-        """Start the worker thread."""
+        """Start the worker threads."""
         with self._lock:
             if self._running:
                 return
             self._running = True
-        self._thread = threading.Thread(target=self._work, name="slm-engine", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._work, name=f"slm-engine-{i}", daemon=True)
+                         for i in range(self._workers)]
+        for thread in self._threads:
+            thread.start()
 
     def stop(self, reason: str = "the node is shutting down") -> None:
         """Stop the worker; queued and running requests get a final error chunk naming ``reason``."""
@@ -140,15 +156,15 @@ class Engine:
             self._running = False
             dropped = list(self._queue)
             self._queue.clear()
-            if self._active is not None:
-                self._active.abort_reason = reason
-                self._active.cancel.set()
+            for job in self._active:
+                job.abort_reason = reason
+                job.cancel.set()
             self._lock.notify_all()
         for job in dropped:
             job.fail(f"request dropped: {reason}")
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        for thread in self._threads:
+            thread.join()
+        self._threads = []
 
     def submit(self, request: Request, sink: Sink) -> str:
         """Queue ``request``; its chunks go to ``sink``. Returns the request id (assigned if empty).
@@ -183,9 +199,10 @@ class Engine:
     def cancel(self, request_id: str) -> bool:
         """Cancel a queued or running request. Returns False if no such request is pending."""
         with self._lock:
-            if self._active is not None and self._active.request.request_id == request_id:
-                self._active.cancel.set()
-                return True
+            for job in self._active:
+                if job.request.request_id == request_id:
+                    job.cancel.set()
+                    return True
             for job in self._queue:
                 if job.request.request_id == request_id:
                     self._queue.remove(job)
@@ -213,10 +230,11 @@ class Engine:
         if not self._running:
             return "the engine is not running (node not active)"
         rid = job.request.request_id
-        pending = ([self._active] if self._active else []) + list(self._queue)
+        pending = list(self._active) + list(self._queue)
         if any(j.request.request_id == rid for j in pending):
             return f"duplicate request_id {rid!r}: a request with this id is still queued or running"
-        if len(self._queue) >= self._config.max_queue and (self._active or self._queue):
+        # Full when max_queue requests wait and no worker is free to take one more at once.
+        if len(self._queue) >= self._config.max_queue and len(pending) >= self._workers:
             return (f"queue full: {len(self._queue)} requests waiting (max_queue="
                     f"{self._config.max_queue}); retry later")
         self._queue.append(job)
@@ -231,16 +249,20 @@ class Engine:
                     self._lock.wait()
                 if not self._running:
                     return
-                job = self._active = self._queue.popleft()
+                job = self._queue.popleft()
+                self._active.add(job)
             try:
-                self._run(job)
+                if isinstance(self._backend, TextStreamBackend):
+                    self._run_text(job)
+                else:
+                    self._run(job)
             except Exception as exc:  # noqa: BLE001 - the worker must survive any request
                 self._log.error(f"request {job.request.request_id} failed: {type(exc).__name__}: {exc}")
                 self.counters.failed += 1
                 job.fail(f"generation failed: {type(exc).__name__}: {exc}")
             finally:
                 with self._lock:
-                    self._active = None
+                    self._active.discard(job)
 
     def _run(self, job: _Job) -> None:
         request, params, backend = job.request, job.params, self._backend
@@ -315,6 +337,69 @@ class Engine:
         self.counters.last_ttft_ms = stats.time_to_first_token_ms
         self.counters.last_tokens_per_second = stats.tokens_per_second
         job.emit(tail, pending, finish_reason=finish, stats=stats)
+
+    def _run_text(self, job: _Job) -> None:
+        """One request on a text-streaming backend: the conversation goes out as messages (history
+        trimmed by turns; the server enforces its context window), text deltas come back."""
+        request, params = job.request, job.params
+        backend: TextStreamBackend = self._backend
+        t_start = time.monotonic()
+        if request.reset_session:
+            self._sessions.reset(request.session)
+        messages = build_messages(request.system_prompt or self._config.system_prompt,
+                                  self._sessions.history(request.session), request.prompt)
+        try:
+            images = ()
+            if request.image is not None:
+                images = (request.image() if callable(request.image) else request.image,)
+            stream = backend.stream_chat(messages, images, params, job.cancel)
+        except RequestError as exc:
+            self.counters.failed += 1
+            self._log.warning(f"request {request.request_id} refused: {exc}")
+            job.fail(str(exc), self._stats(job, 0, 0, t_start=t_start))
+            return
+        stops = StopStringFilter(params.stop)
+        pieces: List[str] = []
+        n = 0
+        t_first = t_last = 0.0
+        error = ""
+        try:
+            for delta in stream:
+                t_last = time.monotonic()
+                if n == 0:
+                    t_first = t_last
+                n += 1
+                text = stops.feed(delta)
+                if text:
+                    pieces.append(text)
+                    job.emit(text)
+                if stops.stopped:
+                    stream.close()
+                    break
+        except BackendError as exc:
+            error = str(exc)
+        tail = "" if stops.stopped else stops.flush()
+        if tail:
+            pieces.append(tail)
+        tokens = stream.completion_tokens if stream.completion_tokens else n
+        stats = self._stats(job, stream.prompt_tokens or 0, tokens, t_start, t_first, t_last)
+        if error:
+            self.counters.failed += 1
+            self._log.warning(f"request {request.request_id} failed after {n} pieces: {error}")
+            job.emit(tail, finish_reason=FinishReason.ERROR, error=error, stats=stats)
+            return
+        if stops.stopped:
+            finish = FinishReason.STOP
+        elif job.cancel.is_set() or stream.finish_reason == "cancelled":
+            self._finish_cancelled(job, stream.prompt_tokens or 0, tokens, tail, t_start, stats)
+            return
+        else:
+            finish = FinishReason(stream.finish_reason)
+        self._sessions.append(request.session, Turn(request.prompt, "".join(pieces)))
+        self.counters.succeeded += 1
+        self.counters.last_ttft_ms = stats.time_to_first_token_ms
+        self.counters.last_tokens_per_second = stats.tokens_per_second
+        job.emit(tail, finish_reason=finish, stats=stats)
 
     def _finish_cancelled(self, job, prompt_tokens, n, tail, t_start, stats=None, pending=()):
         if job.abort_reason:

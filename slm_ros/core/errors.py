@@ -27,3 +27,8 @@ class ModelLoadError(SlmError):
 
 class BackendUnavailable(SlmError):
     """A backend cannot run on this machine (missing package, no GPU); the message says why."""
+
+
+class BackendError(SlmError):
+    """Generation failed inside the backend after the request was accepted (a remote server refused
+    it, the stream was cut, a timeout passed); the request's final chunk carries this message."""

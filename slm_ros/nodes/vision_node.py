@@ -135,7 +135,7 @@ class VisionNode(ModelNode):
         # Settings this node adds are checked before the (slow) model load, with a clear reason.
         p = self.params()
         try:
-            if not p["model"] and not p["wait_for_builder"]:
+            if not p["model"] and not p["wait_for_builder"] and p["backend"] != "openai":
                 raise ConfigError("parameter `model` is empty: point it at a local vision-language "
                                   "model directory (e.g. SmolVLM-256M-Instruct; see README)")
             check_fit(p["resize_policy"], p["image_max_side"])
@@ -156,7 +156,8 @@ class VisionNode(ModelNode):
         if backend_name != "transformers":
             return config
         from slm_ros.backends.transformers_vlm_backend import VlmBackendConfig
-        return VlmBackendConfig(**dataclasses.asdict(config),
+        return VlmBackendConfig(**{f.name: getattr(config, f.name)
+                                   for f in dataclasses.fields(config)},
                                 image_options=_processor_options(p["processor_options"]))
 
     # -- camera ------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ publishes its health on ``/diagnostics`` (:mod:`slm_ros.ros.diagnostics`) in eve
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import traceback
 from typing import Callable, Dict, Optional, Sequence, Tuple, Type
@@ -19,17 +20,18 @@ from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 
-from slm_ros.backends.base import Backend, BackendConfig
+from slm_ros.backends.base import BackendBase, BackendConfig, RemoteConfig
 from slm_ros.backends.registry import choose_backend, create_backend
 from slm_ros.core.engine import Engine, EngineConfig
 from slm_ros.core.errors import SlmError
 from slm_ros.core.types import SamplingParams
-from slm_ros.models import resolve_model
+from slm_ros.models import DEFAULT_MODEL, ResolvedModel, resolve_model
 from slm_ros.ros import diagnostics, qos
 from slm_ros.ros.builder_wait import wait_for_engine
 from slm_ros.ros.params import ParamSpec, declare_all, values
 
 _D = SamplingParams()
+_R = RemoteConfig()
 
 
 def model_parameters(backends: Sequence[str], default_model: str,
@@ -81,6 +83,37 @@ def model_parameters(backends: Sequence[str], default_model: str,
                   "Context window used (prompt + answer); 0 = the model's own. History is trimmed "
                   "oldest-first to fit; a prompt that alone does not fit is refused.",
                   int_range=(0, 1 << 24)),
+        ParamSpec("remote.base_url", _R.base_url,
+                  "openai backend: base URL of the OpenAI-compatible server, up to and including "
+                  "/v1 (trtllm-serve, vLLM, NIM, Ollama, llama.cpp server). `model` is then the "
+                  "served model's name; default = the first model the server lists."),
+        ParamSpec("remote.api_key_env", _R.api_key_env,
+                  "openai backend: name of the environment variable holding the API key (sent as "
+                  "a Bearer token; never a parameter value, never logged). Unset or empty "
+                  "variable = no key."),
+        ParamSpec("remote.connect_timeout_s", _R.connect_timeout_s,
+                  "openai backend: seconds to open the connection to the server.",
+                  float_range=(0.01, 3600.0)),
+        ParamSpec("remote.first_token_timeout_s", _R.first_token_timeout_s,
+                  "openai backend: seconds from sending a request to its first token (queueing "
+                  "and prefill on the server).", float_range=(0.01, 3600.0)),
+        ParamSpec("remote.token_timeout_s", _R.token_timeout_s,
+                  "openai backend: seconds allowed between two streamed tokens before the "
+                  "request fails as stalled.", float_range=(0.01, 3600.0)),
+        ParamSpec("remote.max_in_flight", _R.max_in_flight,
+                  "openai backend: requests sent to the server at once; more wait in the queue "
+                  "(max_queue). Read at configure.", int_range=(1, 256)),
+        ParamSpec("remote.max_retries", _R.max_retries,
+                  "openai backend: retries of a request that failed before its first token "
+                  "(connection refused, 429, 502/503/504); never after, so text is never "
+                  "duplicated.", int_range=(0, 100)),
+        ParamSpec("remote.max_retry_wait_s", _R.max_retry_wait_s,
+                  "openai backend: longest wait before a retry; a 429 Retry-After above it fails "
+                  "the request instead.", float_range=(0.0, 3600.0)),
+        ParamSpec("remote.extra_sampling", _R.extra_sampling,
+                  "openai backend: also send top_k and the repetition penalty (repetition_penalty "
+                  "for vLLM/trtllm-serve, repeat_penalty for llama.cpp), which the OpenAI API "
+                  "does not define. False = standard fields only, for strict servers."),
         ParamSpec("wait_for_builder", False,
                   "Wait at configure for the engine builder's READY status and load the artifact "
                   "it announces (its backend and path replace `backend` and `model`)."),
@@ -110,6 +143,11 @@ def engine_config_from_params(p: Dict) -> EngineConfig:
         raise type(exc)(f"invalid parameter: {exc}") from exc
 
 
+def remote_config_from_params(p: Dict) -> RemoteConfig:
+    """The ``remote.*`` parameters as a :class:`RemoteConfig` (raises ConfigError naming one)."""
+    return RemoteConfig(**{f.name: p[f"remote.{f.name}"] for f in dataclasses.fields(RemoteConfig)})
+
+
 class ModelNode(LifecycleNode):
     """A lifecycle node serving one model through an :class:`Engine`; see the module docstring."""
 
@@ -125,7 +163,7 @@ class ModelNode(LifecycleNode):
     def __init__(self, node_name: str, **kwargs) -> None:
         super().__init__(node_name, **kwargs)
         declare_all(self, self.PARAMETERS)
-        self._backend: Optional[Backend] = None
+        self._backend: Optional[BackendBase] = None
         self._engine: Optional[Engine] = None
         self._entities = []
         # Goals run concurrently, each waiting for its request; goal id -> request id for cancels.
@@ -194,7 +232,7 @@ class ModelNode(LifecycleNode):
         return BackendConfig(
             model=model_path, device=p["device"], dtype=p["dtype"],
             max_context_tokens=engine_config.max_context_tokens, threads=p["threads"],
-            kv_cache_fraction=p["kv_cache_fraction"])
+            kv_cache_fraction=p["kv_cache_fraction"], remote=remote_config_from_params(p))
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -232,22 +270,35 @@ class ModelNode(LifecycleNode):
                                          log.info, node_name=f"{self.get_name()}_engine_wait")
                 backend_name, model = status.backend, status.artifact_path
             backend_name = choose_backend(backend_name, model, p["device"], self.modality)
-            resolved = resolve_model(model, progress=log.info,
-                                     prefer_gguf=backend_name == "llama_cpp")
             backend = create_backend(backend_name, self.modality)
+            if backend.remote:   # the model is a name on the server, not a local file
+                resolved = ResolvedModel(model or DEFAULT_MODEL, model, model)
+            else:
+                resolved = resolve_model(model, progress=log.info,
+                                         prefer_gguf=backend_name == "llama_cpp")
             log.info(f"loading {resolved.name} with backend {backend_name} ...")
             backend.load(self.backend_config(backend_name, resolved.path, p, engine_config))
             backend.warmup()
         except SlmError as exc:
             return self.configure_failed(log, str(exc))
-        self._model_label = resolved.name
+        self._model_label = (backend.describe().get("model") if backend.remote else "") or \
+            resolved.name
         self._backend = backend
         self._engine = Engine(backend, engine_config, logger=log)
         self.create_interfaces()
         info = backend.describe()
-        log.info(f"configured: {resolved.name} ({info.get('parameters', 0) / 1e6:.0f} M parameters)"
-                 f" on {info.get('device', '?')} {info.get('dtype', '')}, context "
-                 f"{self._engine.context_tokens} tokens, max_queue {engine_config.max_queue}")
+        if backend.remote:
+            if info.get("warning"):
+                log.warning(f"{info['warning']}; requests fail with the reason until it answers")
+            context = self._engine.context_tokens
+            log.info(f"configured: model {self._model_label!r} on {info.get('server')} "
+                     f"({self._engine.workers} requests in flight at most, context "
+                     f"{f'{context} tokens' if context else 'set by the server'}), max_queue "
+                     f"{engine_config.max_queue}")
+        else:
+            log.info(f"configured: {resolved.name} ({info.get('parameters', 0) / 1e6:.0f} M "
+                     f"parameters) on {info.get('device', '?')} {info.get('dtype', '')}, context "
+                     f"{self._engine.context_tokens} tokens, max_queue {engine_config.max_queue}")
         return TransitionCallbackReturn.SUCCESS
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -334,7 +385,8 @@ def run(node_cls: Type[ModelNode], args=None, extra_threads: int = 4) -> int:
     rclpy.init(args=args)
     node = node_cls()
     # Each running goal waits on a thread while the engine streams; size the pool for a full queue.
-    threads = int(node.get_parameter("max_queue").value) + extra_threads
+    threads = (int(node.get_parameter("max_queue").value) +
+               int(node.get_parameter("remote.max_in_flight").value) + extra_threads)
     executor = MultiThreadedExecutor(num_threads=threads)
     executor.add_node(node)
     try:

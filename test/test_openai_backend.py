@@ -1,0 +1,408 @@
+"""Tier 2: the ``openai`` backend behind the real Engine, against a scripted OpenAI-compatible
+server on loopback (test/openai_stub.py) for the failures a real server cannot be made to produce,
+and against llama-cpp-python's own server (test/openai_servers.py) for the real thing. No ROS."""
+
+import base64
+import threading
+import time
+
+import cv2
+import numpy as np
+import pytest
+
+from openai_servers import LlamaCppServer, embedded_gguf, free_port
+from openai_stub import (DEFAULT_TEXT, StubServer, cut, error_event, malformed, ok, sse_comments,
+                         stall, status)
+from slm_ros.backends.base import BackendConfig, RemoteConfig
+from slm_ros.backends.openai_backend import parse_sse_line, retry_delay
+from slm_ros.backends.registry import create_backend
+from slm_ros.core.engine import Engine, EngineConfig
+from slm_ros.core.errors import ConfigError
+from slm_ros.core.types import Request, SamplingOverrides, SamplingParams
+
+
+class Remote:
+    """An openai backend + engine on ``base_url``, and every chunk per request."""
+
+    def __init__(self, base_url: str, model: str = "default", max_queue: int = 16,
+                 defaults: SamplingParams = SamplingParams(max_new_tokens=32,
+                                                           repetition_penalty=1.0),
+                 **remote) -> None:
+        remote.setdefault("max_retry_wait_s", 5.0)
+        self.backend = create_backend("openai")
+        self.backend.load(BackendConfig(model=model,
+                                        remote=RemoteConfig(base_url=base_url, **remote)))
+        self.backend.warmup()
+        self.engine = Engine(self.backend, EngineConfig(defaults=defaults, max_queue=max_queue))
+        self.engine.start()
+        self.chunks = {}
+        self._cv = threading.Condition()
+
+    def submit(self, prompt: str = "Hello", image=None, **sampling) -> str:
+        def sink(chunk):
+            with self._cv:
+                self.chunks.setdefault(chunk.request_id, []).append(chunk)
+                self._cv.notify_all()
+        return self.engine.submit(Request(prompt=prompt, image=image,
+                                          sampling=SamplingOverrides(**sampling)), sink)
+
+    def final(self, rid: str, timeout: float = 30.0):
+        with self._cv:
+            assert self._cv.wait_for(lambda: any(c.is_final for c in self.chunks.get(rid, ())),
+                                     timeout), f"no final chunk for {rid}"
+            chunks = self.chunks[rid]
+        assert [c.seq for c in chunks] == list(range(len(chunks)))
+        assert sum(c.is_final for c in chunks) == 1 and chunks[-1].is_final
+        return chunks[-1], "".join(c.text for c in chunks)
+
+    def wait_chunks(self, rid: str, n: int, timeout: float = 10.0) -> None:
+        with self._cv:
+            assert self._cv.wait_for(lambda: len(self.chunks.get(rid, ())) >= n, timeout)
+
+    def ask(self, prompt: str = "Hello", **sampling):
+        return self.final(self.submit(prompt, **sampling))
+
+    def close(self) -> None:
+        self.engine.stop()
+        self.backend.close()
+
+
+@pytest.fixture
+def stub():
+    with StubServer() as server:
+        yield server
+
+
+@pytest.fixture
+def remote(stub):
+    r = Remote(stub.base_url)
+    yield r
+    r.close()
+
+
+# -- the happy path -----------------------------------------------------------------------------
+
+def test_streams_text_deltas_with_server_usage_and_client_timing(stub, remote):
+    stub.script(ok(pieces=["Hel", "lo ", "wörld", "."], delay_s=0.02))
+    final, text = remote.ask("Say hello")
+    assert text == "Hello wörld." and final.finish_reason == "stop"
+    assert final.stats.prompt_tokens == 7 and final.stats.completion_tokens == 4   # server usage
+    assert final.stats.time_to_first_token_ms > 0 and final.stats.tokens_per_second > 0
+    assert all(c.token_ids == () for c in remote.chunks[final.request_id])
+    body = stub.requests[-1]["body"]
+    assert body["model"] == "stub-model"        # `default` = the first model the server lists
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+    assert body["messages"] == [{"role": "user", "content": "Say hello"}]
+
+
+def test_finish_reason_length_and_no_usage(stub, remote):
+    stub.script(ok(pieces=["a", "b", "c"], finish_reason="length", usage=False))
+    final, text = remote.ask()
+    assert (text, final.finish_reason) == ("abc", "length")
+    assert final.stats.completion_tokens == 3 and final.stats.prompt_tokens == 0  # counted here
+
+
+def test_sampling_maps_to_the_request_body(stub):
+    r = Remote(stub.base_url, model="served-name")
+    try:
+        r.ask("x", max_new_tokens=5, temperature=0.7, top_p=0.9, top_k=20, repetition_penalty=1.3,
+              seed=42, stop=["END"])
+        body = stub.requests[-1]["body"]
+        assert body["model"] == "served-name"
+        assert (body["max_tokens"], body["temperature"], body["top_p"], body["top_k"],
+                body["seed"], body["stop"]) == (5, 0.7, 0.9, 20, 42, ["END"])
+        assert body["repetition_penalty"] == body["repeat_penalty"] == 1.3
+    finally:
+        r.close()
+    strict = Remote(stub.base_url, extra_sampling=False)
+    try:
+        strict.ask("x", top_k=20, repetition_penalty=1.3)
+        body = stub.requests[-1]["body"]
+        assert not {"top_k", "repetition_penalty", "repeat_penalty"} & set(body)
+    finally:
+        strict.close()
+
+
+def test_sessions_send_the_history_as_messages(stub, remote):
+    stub.script(ok(text="First answer."), ok(text="Second answer."))
+    remote.final(remote.engine.submit(Request(prompt="one", session_id="s"), _collect(remote)))
+    remote.final(remote.engine.submit(Request(prompt="two", session_id="s",
+                                              system_prompt="Be brief."), _collect(remote)))
+    assert stub.requests[-1]["body"]["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "one"}, {"role": "assistant", "content": "First answer."},
+        {"role": "user", "content": "two"}]
+
+
+def _collect(remote):
+    def sink(chunk):
+        with remote._cv:
+            remote.chunks.setdefault(chunk.request_id, []).append(chunk)
+            remote._cv.notify_all()
+    return sink
+
+
+def test_stop_string_is_applied_here_and_ends_the_request(stub, remote):
+    stub.script(ok(pieces=["Go ", "left", " END", " more", " text"], delay_s=0.05))
+    final, text = remote.ask(stop=["END"])
+    assert (text, final.finish_reason) == ("Go left ", "stop")
+
+
+def test_sse_comments_and_fields_are_ignored(stub, remote):
+    stub.script(sse_comments())
+    final, text = remote.ask()
+    assert (text, final.finish_reason) == (DEFAULT_TEXT, "stop")
+
+
+def test_image_goes_as_a_jpeg_data_url(stub, remote):
+    rgb = np.zeros((48, 64, 3), np.uint8)
+    rgb[:, :, 0] = 255   # red
+    final, _ = remote.final(remote.submit("What colour?", image=lambda: rgb))
+    assert final.finish_reason == "stop"
+    content = stub.requests[-1]["body"]["messages"][-1]["content"]
+    assert content[0] == {"type": "text", "text": "What colour?"}
+    url = content[1]["image_url"]["url"]
+    assert url.startswith("data:image/jpeg;base64,")
+    decoded = cv2.imdecode(np.frombuffer(base64.b64decode(url.split(",", 1)[1]), np.uint8),
+                           cv2.IMREAD_COLOR)
+    assert decoded.shape == (48, 64, 3) and decoded[..., 2].mean() > 240   # BGR: red channel
+
+
+def test_api_key_comes_from_the_named_environment_variable(monkeypatch):
+    monkeypatch.setenv("SLM_TEST_KEY", "s3cret-value")
+    with StubServer(api_key="s3cret-value") as server:
+        r = Remote(server.base_url, api_key_env="SLM_TEST_KEY")
+        try:
+            final, text = r.ask()
+            assert final.finish_reason == "stop", final.error
+            assert server.requests[-1]["headers"]["authorization"] == "Bearer s3cret-value"
+            monkeypatch.setenv("SLM_TEST_KEY", "wrong")
+            final, _ = r.ask()
+            assert final.finish_reason == "error"
+            assert "401" in final.error and "$SLM_TEST_KEY" in final.error
+            assert "wrong" not in final.error and "s3cret" not in final.error
+            monkeypatch.delenv("SLM_TEST_KEY")
+            final, _ = r.ask()
+            assert "SLM_TEST_KEY is not set" in final.error
+        finally:
+            r.close()
+
+
+# -- failures: each ends the request with one clear error chunk; the engine keeps serving ---------
+
+@pytest.mark.parametrize("code, words", [
+    (403, ["403 Forbidden"]),
+    (404, ["404 Not Found", "'stub-model'", "stub error"]),
+    (400, ["HTTP 400", "stub error"]),
+    (500, ["500 server error", "stub error"]),
+])
+def test_http_errors_name_the_server_and_the_status(stub, remote, code, words):
+    stub.script(status(code))
+    final, text = remote.ask()
+    assert final.finish_reason == "error" and text == ""
+    assert stub.base_url in final.error
+    for word in words:
+        assert word in final.error, final.error
+    assert len(stub.requests) == 1, "4xx and 500 are not retried"
+    assert remote.ask()[0].finish_reason == "stop"   # still serving
+
+
+def test_unknown_model_lists_what_the_server_serves(stub):
+    r = Remote(stub.base_url, model="no-such-model")
+    try:
+        stub.script(status(404, "The model `no-such-model` does not exist."))
+        final, _ = r.ask()
+        assert "404 Not Found: no model 'no-such-model'" in final.error
+        assert "does not exist" in final.error and "the server serves: stub-model" in final.error
+    finally:
+        r.close()
+
+
+def test_429_honours_retry_after_before_the_first_token(stub, remote):
+    stub.script(status(429, "slow down", retry_after="0.5"), status(503, "warming up"), ok())
+    t0 = time.monotonic()
+    final, text = remote.ask()
+    assert (text, final.finish_reason) == (DEFAULT_TEXT, "stop")
+    assert len(stub.requests) == 3
+    gap = stub.requests[1]["time"] - stub.requests[0]["time"]
+    assert gap >= 0.45, f"Retry-After 0.5 s not honoured: retried after {gap:.2f} s"
+    assert time.monotonic() - t0 < 5
+
+
+def test_429_with_a_retry_after_too_long_fails_at_once(stub, remote):
+    stub.script(status(429, "quota", retry_after="120"))
+    final, _ = remote.ask()
+    assert "429 Too Many Requests" in final.error and "remote.max_retry_wait_s" in final.error
+    assert len(stub.requests) == 1
+
+
+def test_retries_run_out(stub):
+    r = Remote(stub.base_url, max_retries=1)
+    try:
+        stub.script(status(503), status(503), ok())
+        final, _ = r.ask()
+        assert "503 server error" in final.error and "after 1 retries" in final.error
+    finally:
+        r.close()
+
+
+def test_stream_cut_mid_answer_keeps_the_partial_text_and_never_retries(stub, remote):
+    stub.script(cut(after_pieces=2))
+    final, text = remote.ask()
+    assert final.finish_reason == "error"
+    assert text == "Hello from" and "cut" in final.error and "kept" in final.error
+    assert final.stats.completion_tokens == 2
+    assert len(stub.requests) == 1
+    assert remote.ask()[0].finish_reason == "stop"
+
+
+def test_malformed_sse_line_is_an_error_naming_the_line(stub, remote):
+    stub.script(malformed(after_pieces=1, line="data: {not json"))
+    final, text = remote.ask()
+    assert final.finish_reason == "error" and text == "Hello"
+    assert "malformed" in final.error and "{not json" in final.error
+
+
+def test_error_event_mid_stream(stub, remote):
+    stub.script(error_event(after_pieces=1, message="model crashed"))
+    final, text = remote.ask()
+    assert final.finish_reason == "error" and "model crashed" in final.error and text == "Hello"
+
+
+def test_stalled_stream_hits_the_between_token_timeout(stub):
+    r = Remote(stub.base_url, token_timeout_s=0.5)
+    try:
+        stub.script(stall(after_pieces=2))
+        t0 = time.monotonic()
+        final, text = r.ask()
+        assert final.finish_reason == "error" and "remote.token_timeout_s" in final.error
+        assert text == "Hello from" and 0.4 < time.monotonic() - t0 < 5
+        assert stub.wait_for_disconnects(1), "the stalled connection was not closed"
+    finally:
+        r.close()
+
+
+def test_slow_first_token_hits_the_first_token_timeout(stub):
+    r = Remote(stub.base_url, first_token_timeout_s=0.5)
+    try:
+        stub.script(ok(first_delay_s=3.0))
+        final, text = r.ask()
+        assert final.finish_reason == "error" and "remote.first_token_timeout_s" in final.error
+        assert text == ""
+    finally:
+        r.close()
+
+
+def test_cancel_closes_the_connection_at_once(stub, remote):
+    stub.script(stall(after_pieces=1))
+    rid = remote.submit()
+    remote.wait_chunks(rid, 1)
+    t0 = time.monotonic()
+    assert remote.engine.cancel(rid)
+    final, text = remote.final(rid)
+    assert final.finish_reason == "cancelled" and text == "Hello"
+    assert time.monotonic() - t0 < 1.0
+    assert stub.wait_for_disconnects(1), "the server did not see the request end"
+
+
+def test_connection_refused_names_the_port():
+    port = free_port()
+    r = Remote(f"http://127.0.0.1:{port}/v1", model="m", max_retries=1)
+    try:
+        assert "connection refused" in r.backend.describe().get("warning", "")
+        final, _ = r.ask()
+        assert final.finish_reason == "error"
+        assert f"127.0.0.1:{port}" in final.error and "after 1 retries" in final.error
+    finally:
+        r.close()
+
+
+def test_dns_failure_names_the_host():
+    r = Remote("http://no-such-host.invalid:8000/v1", model="m", max_retries=0)
+    try:
+        final, _ = r.ask()
+        assert final.finish_reason == "error"
+        assert "no-such-host.invalid" in final.error
+        assert "DNS" in final.error or "cannot connect" in final.error, final.error
+    finally:
+        r.close()
+
+
+def test_max_in_flight_bounds_concurrent_requests(stub):
+    r = Remote(stub.base_url, max_in_flight=3, max_queue=8)
+    try:
+        stub.script(*[stall(after_pieces=1) for _ in range(3)])
+        rids = [r.submit(f"p{i}") for i in range(5)]
+        assert stub.wait_for_requests(3)
+        time.sleep(0.3)
+        assert len(stub.requests) == 3, "more requests in flight than remote.max_in_flight"
+        assert r.engine.queue_depth == 2
+        for rid in rids[:3]:
+            r.engine.cancel(rid)
+        results = [r.final(rid) for rid in rids]
+        assert [f.finish_reason for f, _ in results] == ["cancelled"] * 3 + ["stop"] * 2
+    finally:
+        r.close()
+
+
+def test_engine_stop_ends_running_remote_requests_with_an_error(stub):
+    r = Remote(stub.base_url)
+    stub.script(stall(after_pieces=1))
+    rid = r.submit()
+    r.wait_chunks(rid, 1)
+    r.engine.stop("test stop")
+    final, _ = r.final(rid)
+    assert final.finish_reason == "error" and "test stop" in final.error
+    r.backend.close()
+
+
+# -- pieces ---------------------------------------------------------------------------------------
+
+def test_remote_config_is_validated():
+    with pytest.raises(ConfigError, match="remote.base_url"):
+        RemoteConfig(base_url="gpu-server:8000")
+    with pytest.raises(ConfigError, match="remote.token_timeout_s"):
+        RemoteConfig(token_timeout_s=0)
+    with pytest.raises(ConfigError, match="remote.max_in_flight"):
+        RemoteConfig(max_in_flight=0)
+
+
+def test_sse_line_parsing():
+    assert parse_sse_line("") is None and parse_sse_line(": ping") is None
+    assert parse_sse_line("event: message") is None and parse_sse_line("id: 4") is None
+    assert parse_sse_line("data: [DONE]") == "[DONE]"
+    assert parse_sse_line('data: {"choices": []}') == {"choices": []}
+    assert parse_sse_line('data:{"a": 1}') == {"a": 1}
+    assert "malformed" in parse_sse_line("garbage").message
+    assert "not JSON" in parse_sse_line("data: {oops").message
+    assert "boom" in parse_sse_line('data: {"error": {"message": "boom"}}').message
+
+
+def test_retry_delay():
+    assert retry_delay("2", 0) == 2.0
+    assert retry_delay(None, 0) == 0.25 and retry_delay(None, 2) == 1.0
+    future = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))
+    assert 25 < retry_delay(future, 0) <= 31
+
+
+# -- the real server: llama-cpp-python's OpenAI-compatible server on the embedded GGUF -----------
+
+@pytest.fixture(scope="module")
+def llama_server(tmp_path_factory):
+    server = LlamaCppServer(embedded_gguf(), log_path=tmp_path_factory.mktemp("llama") / "s.log")
+    with server.start():
+        yield server
+
+
+def test_real_server_stream_equals_its_non_streamed_greedy_answer(llama_server):
+    r = Remote(llama_server.base_url)
+    try:
+        prompt = "What is the capital of France? Answer in one sentence."
+        final, text = r.ask(prompt, max_new_tokens=24)
+        assert final.finish_reason in ("stop", "length"), final.error
+        reference = llama_server.chat([{"role": "user", "content": prompt}], max_tokens=24,
+                                      temperature=0.0, top_p=1.0)
+        assert text == reference["choices"][0]["message"]["content"]
+        assert "Paris" in text
+    finally:
+        r.close()
