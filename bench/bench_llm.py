@@ -297,7 +297,7 @@ class GenerateClient:
         goal.request.sampling.top_k = 1
         goal.request.sampling.repetition_penalty = REPETITION_PENALTY
         arrivals: List[float] = []     # client time of each chunk carrying tokens
-        counts: List[int] = []         # tokens per such chunk
+        counts: List[int] = []         # tokens (or text deltas) per such chunk
         token_ids: List[int] = []
         first_text: List[float] = []
         final_seen: List[bool] = []
@@ -307,9 +307,11 @@ class GenerateClient:
             chunk = feedback.feedback.chunk
             if chunk.text and not first_text:
                 first_text.append(now)
-            if len(chunk.token_ids):
+            # A remote (openai) backend's chunks carry text but no token ids: one delta each.
+            n = len(chunk.token_ids) or (1 if chunk.text and not chunk.is_final else 0)
+            if n:
                 arrivals.append(now)
-                counts.append(len(chunk.token_ids))
+                counts.append(n)
                 token_ids.extend(int(t) for t in chunk.token_ids)
             if chunk.is_final:
                 final_seen.append(True)

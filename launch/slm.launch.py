@@ -4,6 +4,7 @@
     ros2 launch slm_ros slm.launch.py profile:=orin-nano-8gb           # TinyLlama, int4 engine
     ros2 launch slm_ros slm.launch.py profile:=orin-nx-16gb with_vision:=true \
         camera_topic:=/camera/image_raw
+    ros2 launch slm_ros slm.launch.py profile:=remote params_file:=server.yaml   # on a server
 
 Each node comes from launch/slm_node.launch.py, in a scoped group so that one node's arguments do
 not leak into the next. The LLM node waits for the builder through its parameters
@@ -39,13 +40,14 @@ def generate_launch_description():
         DeclareLaunchArgument(
             "profile", default_value="",
             description="Board profile: cpu, x86-cuda, orin-nano-8gb, orin-nx-16gb, "
-                        "agx-orin-64gb (config/profiles/) or a YAML path; empty = the nodes' "
-                        "defaults (transformers, device auto, embedded model)."),
+                        "agx-orin-64gb, remote (generation on an OpenAI-compatible server) "
+                        "(config/profiles/) or a YAML path; empty = the nodes' defaults "
+                        "(transformers, device auto, embedded model)."),
         DeclareLaunchArgument(
             "model", default_value="",
             description="Text model: a card of config/models/ (e.g. qwen2.5-1.5b-instruct), "
-                        "'default', a checkpoint directory or a .gguf; empty = the profile's "
-                        "default model."),
+                        "'default', a checkpoint directory or a .gguf (profile remote: the "
+                        "served model's name); empty = the profile's default model."),
         DeclareLaunchArgument(
             "vision_model", default_value="",
             description="Vision-language model for the vision node: a card (e.g. "
@@ -63,7 +65,8 @@ def generate_launch_description():
             "use_builder", default_value="true",
             description="Start the engine builder and make the LLM node load its artifact "
                         "(TensorRT-LLM engines and quantized models need it; transformers "
-                        "models also run without: false)."),
+                        "models also run without: false). Ignored, with a log line, under a "
+                        "remote profile: nothing to build."),
         DeclareLaunchArgument(
             "with_vision", default_value="false",
             description="Also start the vision node (needs a vision model checkpoint)."),

@@ -13,7 +13,7 @@ with the file and key named, instead of being dropped silently by the node.
 """
 
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.actions import DeclareLaunchArgument, LogInfo, OpaqueFunction
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
@@ -43,6 +43,10 @@ def _start_node(context):
         params_file=LaunchConfiguration("params_file").perform(context),
         camera_topic=LaunchConfiguration("camera_topic").perform(context),
         wait_for_builder=_flag(LaunchConfiguration("wait_for_builder").perform(context)))
+    if plan.skip:
+        # The engine builder under a remote profile: slm.launch.py's use_builder defaults to true,
+        # so a remote profile works without use_builder:=false; say why nothing starts.
+        return [LogInfo(msg=f"{plan.fqn} not started: {plan.skip}")]
     reason = builder_needed(plan)
     if reason:
         raise RuntimeError(f"{reason}: launch slm.launch.py with use_builder:=true")
@@ -67,14 +71,15 @@ def generate_launch_description():
         DeclareLaunchArgument(
             "profile", default_value="",
             description="Board profile: cpu, x86-cuda, orin-nano-8gb, orin-nx-16gb, "
-                        "agx-orin-64gb (config/profiles/<profile>.yaml) or a YAML path; empty = "
-                        "the node's own defaults."),
+                        "agx-orin-64gb, remote (generation on a server) "
+                        "(config/profiles/<profile>.yaml) or a YAML path; empty = the node's own "
+                        "defaults."),
         DeclareLaunchArgument(
             "model", default_value="",
             description="Model card of config/models/ (e.g. tinyllama-1.1b-chat), 'default' "
-                        "(embedded SmolLM2-135M-Instruct), a checkpoint directory or a .gguf; "
-                        "empty = the profile's default model for this node, else the node's "
-                        "default."),
+                        "(embedded SmolLM2-135M-Instruct), a checkpoint directory or a .gguf "
+                        "(profile remote: the served model's name); empty = the profile's "
+                        "default model for this node, else the node's default."),
         DeclareLaunchArgument(
             "backend", default_value="",
             description="Backend override (transformers, tensorrt_llm); empty = the profile's "

@@ -421,19 +421,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = sub.add_parser("up", help="run the node graph (LLM; builder, vision) in the foreground")
     p.add_argument("--namespace", default=DEFAULT_NAMESPACE)
     p.add_argument("--profile", default="",
-                   help="board profile: cpu, x86-cuda, orin-nano-8gb, orin-nx-16gb, agx-orin-64gb "
-                        "(config/profiles/) or a YAML file; empty = the nodes' defaults")
+                   help="board profile: cpu, x86-cuda, orin-nano-8gb, orin-nx-16gb, agx-orin-64gb, "
+                        "remote (generation on an OpenAI-compatible server) (config/profiles/) or "
+                        "a YAML file; empty = the nodes' defaults")
     p.add_argument("--model", default="",
                    help="a model card of config/models/ (e.g. tinyllama-1.1b-chat), 'default' "
-                        "(embedded SmolLM2-135M-Instruct), a checkpoint dir or a .gguf; empty = "
-                        "the profile's default model, else 'default'")
+                        "(embedded SmolLM2-135M-Instruct), a checkpoint dir or a .gguf (--profile "
+                        "remote: the served model's name); empty = the profile's default model, "
+                        "else 'default'")
     p.add_argument("--backend", default="", help="backend override (transformers, tensorrt_llm)")
     p.add_argument("--device", default="", help="device override (cpu, cuda, cuda:N)")
     p.add_argument("--params-file", default="",
                    help="ROS parameters YAML applied last (sections /**/llm, /**/vision, "
                         "/**/engine_builder, or /** for all)")
     p.add_argument("--builder", action="store_true",
-                   help="also run the engine builder; the LLM node loads the artifact it builds")
+                   help="also run the engine builder; the LLM node loads the artifact it builds "
+                        "(refused with a remote profile: nothing to build)")
     p.add_argument("--vision", action="store_true", help="also run the vision node")
     p.add_argument("--vision-model", default="",
                    help="vision-language model card (e.g. smolvlm-256m-instruct) or checkpoint "

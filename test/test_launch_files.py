@@ -300,6 +300,20 @@ def test_every_node_profile_and_model_card_gives_valid_parameters():
             for executable in deployment.NODES:
                 kwargs = dict(profile=profile.name if profile else "",
                               model=card.name if card else "", share=ROOT)
+                if profile is not None and profile.remote:
+                    # Generation on a server: no builder, and a model is the served model's
+                    # name (a card's name is passed through as one, never looked up).
+                    plan = deployment.plan_node(executable, wait_for_builder=True, **kwargs)
+                    if executable == "engine_builder_node":
+                        assert plan.skip and plan.card is None
+                        continue
+                    assert not plan.skip and plan.card is None and plan.deployment is None
+                    assert plan.param_files == [str(profile.path)]
+                    assert plan.overrides == dict({"model": card.name} if card else {},
+                                                  wait_for_builder=False)
+                    deployment.check_plan(plan)
+                    checked += 1
+                    continue
                 wanted = "vision" if executable == "vision_node" else "text"
                 deploy = card.on(profile.name) if card and profile else None
                 if card and (card.modality != wanted or not card.loadable or
@@ -376,6 +390,17 @@ def test_deployments_that_need_the_builder_or_do_not_fit_are_refused_with_the_re
                    share=ROOT)
     with pytest.raises(ConfigError, match="needs --vision-model"):
         plan_graph(vision=True, share=ROOT)
+    # A remote profile: no builder (asked for explicitly: refused), the nodes stream from the
+    # server named in the profile; their models come from its node sections, not overrides, so a
+    # params_file can change them.
+    with pytest.raises(ConfigError, match="there is no engine to build on the robot: drop "
+                                          "--builder"):
+        plan_graph(profile="remote", builder=True, share=ROOT)
+    plans = plan_graph(profile="remote", vision=True, share=ROOT)
+    assert [(p.executable, p.overrides) for p in plans] == [("llm_node", {}), ("vision_node", {})]
+    with pytest.raises(ConfigError, match="`model` is the served model's name"):
+        plan_graph(profile="remote", model=str(ROOT / "config/models/tinyllama-1.1b-chat.yaml"),
+                   share=ROOT)
     remapped = plan_graph(vision=True, vision_model="/m/vlm", camera_topic="/cam/image_raw/",
                           share=ROOT)[-1]
     assert remapped.remappings == [("image", "/cam/image_raw"),

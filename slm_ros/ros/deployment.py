@@ -9,6 +9,12 @@ nodes never see it; the launch files, ``slm-ros up`` and the tests read it: a pr
 models, a model's chat template, context length and, per board, the backend and quantization it
 runs with there (or ``does-not-fit``, a pair the memory planner refuses).
 
+A profile with ``remote: true`` (``config/profiles/remote.yaml``) runs no model on the robot: its
+nodes use a backend that streams from a server (``openai``). It has no board memory, so nothing is
+planned against it and model cards say nothing about it; it names the served models in its node
+sections (``model``), and there is no engine to build: :func:`plan_node` marks the engine builder
+as not started (:attr:`NodePlan.skip`) and overrides ``wait_for_builder`` to false.
+
 :func:`plan_node` is the single place that turns (node, profile, model, extra file, overrides) into
 a :class:`NodePlan`: the ordered parameter files, the command-line overrides and the remappings.
 ``launch/slm_node.launch.py`` and ``slm-ros up`` both use it, so the two start the same graph.
@@ -188,9 +194,15 @@ class Profile:
     device_profile: str = ""
     memory_gb: float = 0.0
     discrete_gpu: bool = False
+    #: Generation runs on a server (backend ``openai``): no on-board model, no memory plan, no
+    #: model-card verdicts, no engine builder; default_model/default_vision_model stay empty.
+    remote: bool = False
 
     def device(self):
         """The planner's :class:`~slm_ros.build.device.DeviceProfile` for this board."""
+        if self.remote:
+            raise ConfigError(f"profile {self.name} runs its models on a server (remote: true): "
+                              f"it has no on-board memory to plan against")
         from slm_ros.build import device as dev
         if self.device_profile:
             return dev.preset(self.device_profile)
@@ -237,9 +249,22 @@ def read_profile(path) -> Profile:
     path = Path(path)
     pfile, values = _card_section(path, PROFILE_SECTION)
     where = f"{pfile.shown}: {PROFILE_SECTION}"
+    name = path.name[:-5] if path.name.endswith(".yaml") else path.stem
+    title = _field(values, "title", where)
+    if _field(values, "remote", where, bool, False):
+        # Served model names belong in the node sections (`model`), where a params_file can
+        # override them; a default_model would become a launch override that no file could change.
+        # Board memory means nothing for a model on a server.
+        local_only = sorted(set(values) & {"default_model", "default_vision_model",
+                                           "device_profile", "memory_gb", "discrete_gpu"})
+        if local_only:
+            raise ConfigError(f"{where}: a remote profile (remote: true) runs no model on the "
+                              f"robot: remove {', '.join(local_only)} (name the served models "
+                              f"with `model` in the /**/llm and /**/vision sections)")
+        return Profile(name=name, path=path, title=title, default_model="",
+                       default_vision_model="", remote=True)
     return Profile(
-        name=path.name[:-5] if path.name.endswith(".yaml") else path.stem, path=path,
-        title=_field(values, "title", where),
+        name=name, path=path, title=title,
         default_model=_field(values, "default_model", where),
         default_vision_model=_field(values, "default_vision_model", where),
         device_profile=_field(values, "device_profile", where, str, ""),
@@ -263,6 +288,8 @@ class NodePlan:
     profile: Optional[Profile] = None
     card: Optional[ModelCard] = None
     deployment: Optional[Deployment] = None
+    #: Why this node is not started ("" = it is): the engine builder under a remote profile.
+    skip: str = ""
 
     @property
     def fqn(self) -> str:
@@ -295,6 +322,10 @@ def plan_node(executable: str, *, namespace: str = "/slm", profile: str = "", mo
     ``wait_for_builder``. An empty ``model`` with a profile means the profile's default model for
     the node's modality. Raises :class:`ConfigError` for an unknown profile/model, a model of the
     wrong modality or one no backend loads, or a pair the card says does not fit.
+
+    Under a remote profile ``model`` is the served model's name, never looked up as a card; the
+    engine builder's plan comes back with :attr:`NodePlan.skip` set (nothing to build), and
+    ``wait_for_builder`` is overridden to false.
     """
     kind = node_kind(executable)
     share = share or share_dir()
@@ -306,10 +337,19 @@ def plan_node(executable: str, *, namespace: str = "/slm", profile: str = "", mo
         ppath = profile_path(profile, share)
         prof = read_profile(ppath)
         files.append(str(ppath))
+    remote = prof is not None and prof.remote
+    if remote and executable == "engine_builder_node":
+        return NodePlan(executable, kind.name, _absolute_namespace(namespace), files, {}, [],
+                        prof, skip=f"profile {prof.name} runs the models on a server (remote: "
+                                   f"true): there is no engine to build on the robot")
     if not model and prof is not None:
         model = prof.default_vision_model if kind.modality == "vision" else prof.default_model
+    if remote and model.endswith((".yaml", ".yml")):
+        raise ConfigError(f"{model}: model cards describe checkpoints loaded on the robot; with "
+                          f"profile {prof.name} (remote: true) `model` is the served model's "
+                          f"name (GET /v1/models on the server)")
     card = deployment = None
-    card_path = model_card_path(model, share) if model else None
+    card_path = model_card_path(model, share) if model and not remote else None
     if card_path is not None:
         if not card_path.is_file():
             raise ConfigError(f"model card {display_path(str(card_path))} does not exist")
@@ -342,7 +382,8 @@ def plan_node(executable: str, *, namespace: str = "/slm", profile: str = "", mo
     if backend:
         overrides["backend"] = backend
     if wait_for_builder is not None and executable != "engine_builder_node":
-        overrides["wait_for_builder"] = bool(wait_for_builder)
+        # A model on a server has no artifact to wait for (slm.launch.py passes use_builder).
+        overrides["wait_for_builder"] = bool(wait_for_builder) and not remote
     if camera_topic and executable == "vision_node":
         topic = camera_topic.rstrip("/")
         remappings = [("image", topic), ("image/compressed", f"{topic}/compressed")]
@@ -372,6 +413,9 @@ def plan_memory_for(card: ModelCard, profile: Profile, config: Mapping[str, Any]
     """
     from slm_ros.build.planner import plan_memory
     from slm_ros.ros.param_files import node_values
+    if profile.remote:
+        raise ConfigError(f"profile {profile.name} runs the models on a server (remote: true): "
+                          f"there is no on-board memory plan for {card.name}")
     dep = deployment or card.on(profile.name)
     if dep is None or not dep.fits:
         raise ConfigError(f"{card.name} has no deployment for {profile.name} to plan")

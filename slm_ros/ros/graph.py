@@ -32,13 +32,18 @@ def plan_graph(*, namespace: str = "/slm", profile: str = "", model: str = "", b
     """The nodes of the graph, in start order, each checked against its declared parameters.
 
     Raises :class:`ConfigError` (file and key named) for anything that would make a node fail to
-    start or silently ignore a setting.
+    start or silently ignore a setting, including ``builder`` with a remote profile (there is no
+    engine to build for a model on a server; unlike the launch file's ``use_builder``, which
+    defaults to true, ``--builder`` is always asked for, so it is refused rather than ignored).
     """
     common = dict(namespace=namespace, profile=profile, backend=backend, params_file=params_file,
                   share=share)
     plans = []
     if builder:
-        plans.append(plan_node("engine_builder_node", model=model, **common))
+        plan = plan_node("engine_builder_node", model=model, **common)
+        if plan.skip:
+            raise ConfigError(f"{plan.skip}: drop --builder")
+        plans.append(plan)
     llm = plan_node("llm_node", model=model, wait_for_builder=builder or None, **common)
     reason = builder_needed(llm)
     if reason:
@@ -132,8 +137,10 @@ def run_graph(plans: List[NodePlan]) -> int:
             node.destroy_node()
         rclpy.try_shutdown()
         return 2
-    # Each running goal waits on a thread while its engine streams; size the pool for full queues.
-    workers = 4 + sum(int(n.get_parameter("max_queue").value) + 4 for n in nodes
+    # Each running goal waits on a thread while its engine streams (remote backends run up to
+    # remote.max_in_flight at once); size the pool for full queues, as model_node.run does.
+    workers = 4 + sum(int(n.get_parameter("max_queue").value) +
+                      int(n.get_parameter("remote.max_in_flight").value) + 4 for n in nodes
                       if not isinstance(n, EngineBuilderNode))
     executor = MultiThreadedExecutor(num_threads=workers)
     for node in nodes:
