@@ -15,6 +15,8 @@ Measured side by side in one run, same prompts, greedy decoding, fixed max token
 4. **vision ingest** - ``bench_vision.py`` (640x480 rgb8 at 30 Hz).
 5. **CUDA** - the transformers backend on a GPU when this machine has one (skipped here, with the
    reason, otherwise).
+6. **remote** - ``bench_remote.py``: the node with the ``openai`` backend against llama-cpp-python's
+   server on the same GGUF vs the node running llama.cpp in-process (tokens/s ratio, TTFT delta).
 
     .venv/bin/python bench/suite.py [--quick] [--out-dir bench/results]
 
@@ -238,6 +240,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                    "--max-new-tokens", str(args.max_new_tokens), "--repeats",
                    str(1 if args.quick else 2)]
             report["ros_vs_raw"][name] = run_json(cmd, args.out_dir / f"bench_llm_{name}.json")
+        if "llama_cpp" in available_backends():
+            cmd = [sys.executable, str(HERE / "bench_remote.py"), "--max-new-tokens",
+                   str(args.max_new_tokens), "--repeats", str(1 if args.quick else 2)]
+            report["remote_vs_in_process"] = run_json(cmd, args.out_dir / "bench_remote.json")
     if not args.skip_vision:
         cmd = [sys.executable, str(HERE / "bench_vision.py"), "--duration",
                "10" if args.quick else "30"]
