@@ -323,7 +323,9 @@ def test_dns_failure_names_the_host():
         final, _ = r.ask()
         assert final.finish_reason == "error"
         assert "no-such-host.invalid" in final.error
-        assert "DNS" in final.error or "cannot connect" in final.error, final.error
+        # A resolver that cannot answer at all (no network) ends in the connect timeout instead.
+        assert any(w in final.error for w in ("DNS failure", "cannot connect", "could not connect")), \
+            final.error
     finally:
         r.close()
 
