@@ -92,15 +92,18 @@ class OpenAiBackend(TextStreamBackend):
         """Probe the server (GET /models) so a wrong URL or key shows in the log at startup. A server
         that is not up yet is not an error: requests fail with the reason until it is."""
         try:
-            models, context = self._call(self._list_models(), self._config.connect_timeout_s + 10)
+            self._adopt(*self._call(self._list_models(), self._config.connect_timeout_s + 10))
         except BackendError as exc:
             self._warn = str(exc)
             return
         self._warn = ""
+
+    def _adopt(self, models: List[str], context: int) -> None:
+        """Take what the server lists: the first model when ``model`` was left default, and its
+        context length unless ``max_context_tokens`` set one."""
         if not self._model and models:
             self._model = models[0]
-        if not self._context and context:
-            self._context = context
+        self._context = self._context or context
 
     @property
     def context_length(self) -> int:
@@ -218,12 +221,10 @@ class OpenAiBackend(TextStreamBackend):
 
     async def _resolve_model(self) -> str:
         if not self._model:
-            models, context = await self._list_models()
-            if not models:
+            self._adopt(*await self._list_models())
+            if not self._model:
                 raise BackendError(f"{self.where()}: the server lists no models (GET /models); set "
                                    f"the `model` parameter to the served model's name")
-            self._model = models[0]
-            self._context = self._context or context
         return self._model
 
     async def run_stream(self, body: Dict[str, Any], out: "queue.SimpleQueue") -> None:

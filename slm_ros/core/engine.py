@@ -270,19 +270,14 @@ class Engine:
         if request.reset_session:
             self._sessions.reset(request.session)
         try:
-            template = backend.apply_chat_template
-            if request.image is not None:
-                image = request.image() if callable(request.image) else request.image
-                template = functools.partial(backend.apply_chat_template, images=(image,))
+            template = functools.partial(backend.apply_chat_template, images=self._images(request))
             prompt_ids, _, budget = fit_prompt(
                 template,
                 request.system_prompt or self._config.system_prompt,
                 self._sessions.history(request.session),
                 request.prompt, self._context, params.max_new_tokens)
         except RequestError as exc:
-            self.counters.failed += 1
-            self._log.warning(f"request {request.request_id} refused: {exc}")
-            job.fail(str(exc), self._stats(job, 0, 0, t_start=t_start))
+            self._refuse_started(job, exc, t_start)
             return
         if job.cancel.is_set():
             self._finish_cancelled(job, len(prompt_ids), 0, "", t_start)
@@ -332,11 +327,7 @@ class Engine:
         if finish is FinishReason.CANCELLED:
             self._finish_cancelled(job, len(prompt_ids), n, tail, t_start, stats, pending)
             return
-        self._sessions.append(request.session, Turn(request.prompt, "".join(pieces)))
-        self.counters.succeeded += 1
-        self.counters.last_ttft_ms = stats.time_to_first_token_ms
-        self.counters.last_tokens_per_second = stats.tokens_per_second
-        job.emit(tail, pending, finish_reason=finish, stats=stats)
+        self._succeed(job, pieces, tail, finish, stats, pending)
 
     def _run_text(self, job: _Job) -> None:
         """One request on a text-streaming backend: the conversation goes out as messages (history
@@ -349,14 +340,9 @@ class Engine:
         messages = build_messages(request.system_prompt or self._config.system_prompt,
                                   self._sessions.history(request.session), request.prompt)
         try:
-            images = ()
-            if request.image is not None:
-                images = (request.image() if callable(request.image) else request.image,)
-            stream = backend.stream_chat(messages, images, params, job.cancel)
+            stream = backend.stream_chat(messages, self._images(request), params, job.cancel)
         except RequestError as exc:
-            self.counters.failed += 1
-            self._log.warning(f"request {request.request_id} refused: {exc}")
-            job.fail(str(exc), self._stats(job, 0, 0, t_start=t_start))
+            self._refuse_started(job, exc, t_start)
             return
         stops = StopStringFilter(params.stop)
         pieces: List[str] = []
@@ -395,11 +381,31 @@ class Engine:
             return
         else:
             finish = FinishReason(stream.finish_reason)
+        self._succeed(job, pieces, tail, finish, stats)
+
+    @staticmethod
+    def _images(request: Request) -> tuple:
+        """The request's image (its provider called now: the newest frame), as the backends take
+        it; raises the provider's RequestError (no frame, stale frame, bad image)."""
+        if request.image is None:
+            return ()
+        return (request.image() if callable(request.image) else request.image,)
+
+    def _refuse_started(self, job: _Job, exc: RequestError, t_start: float) -> None:
+        """A dequeued request that cannot run (prompt too long, no usable image)."""
+        self.counters.failed += 1
+        self._log.warning(f"request {job.request.request_id} refused: {exc}")
+        job.fail(str(exc), self._stats(job, 0, 0, t_start=t_start))
+
+    def _succeed(self, job: _Job, pieces: List[str], tail: str, finish: FinishReason,
+                 stats: Stats, pending=()) -> None:
+        """Record the finished turn in its session and send the final chunk."""
+        request = job.request
         self._sessions.append(request.session, Turn(request.prompt, "".join(pieces)))
         self.counters.succeeded += 1
         self.counters.last_ttft_ms = stats.time_to_first_token_ms
         self.counters.last_tokens_per_second = stats.tokens_per_second
-        job.emit(tail, finish_reason=finish, stats=stats)
+        job.emit(tail, pending, finish_reason=finish, stats=stats)
 
     def _finish_cancelled(self, job, prompt_tokens, n, tail, t_start, stats=None, pending=()):
         if job.abort_reason:
