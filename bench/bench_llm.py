@@ -258,6 +258,7 @@ class GenerateClient:
         from slm_ros.ros import qos
 
         self._rclpy = rclpy
+        self.namespace = namespace
         self._goal_type = Generate.Goal
         self._context = rclpy.Context()
         rclpy.init(context=self._context)
@@ -272,7 +273,8 @@ class GenerateClient:
             if not alive():
                 raise RuntimeError("the llm_node process exited before serving (see its log above)")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"no action server at {NAMESPACE}/generate after {timeout_s:.0f} s")
+                raise RuntimeError(f"no action server at {self.namespace}/generate after "
+                                   f"{timeout_s:.0f} s")
 
     def _spin_until(self, done: Callable[[], bool], timeout_s: float) -> None:
         from rclpy.executors import SingleThreadedExecutor
@@ -345,15 +347,18 @@ class GenerateClient:
 
 
 @contextlib.contextmanager
-def ros_node(max_new_tokens: int, wait_s: float) -> Iterator[GenerateClient]:
-    """Run llm_node in its own process; yield a warmed-up client; stop both on exit."""
-    cmd = node_command(max_new_tokens)
+def ros_node(max_new_tokens: int, wait_s: float, cmd: Optional[List[str]] = None,
+             namespace: str = "") -> Iterator[GenerateClient]:
+    """Run llm_node (``cmd``, default :func:`node_command`, in ``namespace``, default
+    ``NAMESPACE``) in its own process; yield a warmed-up client; stop both on exit."""
+    cmd = cmd or node_command(max_new_tokens)
+    namespace = namespace or NAMESPACE
     log(f"ros: starting {' '.join(cmd)}")
     # Node logs go to stderr so that stdout carries only the JSON report.
     proc = subprocess.Popen(cmd, stdout=sys.stderr, stderr=sys.stderr)
     client = None
     try:
-        client = GenerateClient(NAMESPACE)
+        client = GenerateClient(namespace)
         t0 = time.monotonic()
         client.wait_for_server(lambda: proc.poll() is None, wait_s)
         log(f"ros: action server up after {time.monotonic() - t0:.1f} s")

@@ -26,19 +26,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, List, Optional
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "test"))
 
-import bench_llm  # noqa: E402
-from bench_llm import (GenerateClient, PROMPTS, QUICK_PROMPTS, REPETITION_PENALTY, log,  # noqa: E402
-                       machine_info, measure, median, ros_domain, stop_process, summarise_runs)
+from bench_llm import (PROMPTS, QUICK_PROMPTS, REPETITION_PENALTY, log, machine_info,  # noqa: E402
+                       measure, median, ros_domain, ros_node, summarise_runs)
 
 DEFAULT_OUT = HERE / "results" / "bench_remote.json"
 NAMESPACES = {"in_process": "/slm_bench_local", "remote": "/slm_bench_remote"}
@@ -55,22 +53,6 @@ def node_command(namespace: str, backend: str, max_new_tokens: int, threads: int
     if base_url:
         cmd += ["-p", f"remote.base_url:={base_url}"]
     return cmd
-
-
-@contextlib.contextmanager
-def node(cmd: List[str], namespace: str, wait_s: float) -> Iterator[GenerateClient]:
-    log(f"starting {' '.join(cmd)}")
-    proc = subprocess.Popen(cmd, stdout=sys.stderr, stderr=sys.stderr)
-    client = None
-    try:
-        client = GenerateClient(namespace)
-        client.wait_for_server(lambda: proc.poll() is None, wait_s)
-        client.generate(PROMPTS[0], 4)   # untimed: discovery, first allocations
-        yield client
-    finally:
-        if client is not None:
-            client.close()
-        stop_process(proc)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -90,7 +72,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.quick:
         args.repeats = 1
     prompts = PROMPTS[:QUICK_PROMPTS] if args.quick else PROMPTS
-    bench_llm.NAMESPACE = "/slm_bench_*"   # only used in its messages
     from openai_servers import LlamaCppServer, embedded_gguf
 
     with ros_domain() as domain, contextlib.ExitStack() as stack:
@@ -106,7 +87,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             "remote": node_command(NAMESPACES["remote"], "openai", args.max_new_tokens,
                                    args.threads, server.base_url),
         }
-        clients = {name: stack.enter_context(node(cmd, NAMESPACES[name], args.wait))
+        clients = {name: stack.enter_context(ros_node(args.max_new_tokens, args.wait, cmd,
+                                                      NAMESPACES[name]))
                    for name, cmd in commands.items()}
         runs = measure(prompts, args.max_new_tokens, args.repeats,
                        [(name, client.generate) for name, client in clients.items()], args.pause)
