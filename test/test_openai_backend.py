@@ -3,13 +3,13 @@ server on loopback (test/openai_stub.py) for the failures a real server cannot b
 and against llama-cpp-python's own server (test/openai_servers.py) for the real thing. No ROS."""
 
 import base64
-import threading
 import time
 
 import cv2
 import numpy as np
 import pytest
 
+from engine_helpers import Collector
 from openai_servers import LlamaCppServer, embedded_gguf, free_port
 from openai_stub import (DEFAULT_TEXT, StubServer, cut, error_event, malformed, ok, sse_comments,
                          stall, status)
@@ -35,29 +35,27 @@ class Remote:
         self.backend.warmup()
         self.engine = Engine(self.backend, EngineConfig(defaults=defaults, max_queue=max_queue))
         self.engine.start()
-        self.chunks = {}
-        self._cv = threading.Condition()
+        self.collect = Collector()
+
+    @property
+    def chunks(self):
+        return self.collect.chunks
 
     def submit(self, prompt: str = "Hello", image=None, **sampling) -> str:
-        def sink(chunk):
-            with self._cv:
-                self.chunks.setdefault(chunk.request_id, []).append(chunk)
-                self._cv.notify_all()
         return self.engine.submit(Request(prompt=prompt, image=image,
-                                          sampling=SamplingOverrides(**sampling)), sink)
+                                          sampling=SamplingOverrides(**sampling)), self.collect)
 
     def final(self, rid: str, timeout: float = 30.0):
-        with self._cv:
-            assert self._cv.wait_for(lambda: any(c.is_final for c in self.chunks.get(rid, ())),
-                                     timeout), f"no final chunk for {rid}"
-            chunks = self.chunks[rid]
+        """The final chunk (checked: seq gapless, exactly one final, last) and the whole text."""
+        final = self.collect.final(rid, timeout)
+        chunks = self.chunks[rid]
         assert [c.seq for c in chunks] == list(range(len(chunks)))
         assert sum(c.is_final for c in chunks) == 1 and chunks[-1].is_final
-        return chunks[-1], "".join(c.text for c in chunks)
+        return final, self.collect.text(rid)
 
     def wait_chunks(self, rid: str, n: int, timeout: float = 10.0) -> None:
-        with self._cv:
-            assert self._cv.wait_for(lambda: len(self.chunks.get(rid, ())) >= n, timeout)
+        with self.collect.cv:
+            assert self.collect.cv.wait_for(lambda: len(self.chunks.get(rid, ())) >= n, timeout)
 
     def ask(self, prompt: str = "Hello", **sampling):
         return self.final(self.submit(prompt, **sampling))
@@ -125,21 +123,13 @@ def test_sampling_maps_to_the_request_body(stub):
 
 def test_sessions_send_the_history_as_messages(stub, remote):
     stub.script(ok(text="First answer."), ok(text="Second answer."))
-    remote.final(remote.engine.submit(Request(prompt="one", session_id="s"), _collect(remote)))
+    remote.final(remote.engine.submit(Request(prompt="one", session_id="s"), remote.collect))
     remote.final(remote.engine.submit(Request(prompt="two", session_id="s",
-                                              system_prompt="Be brief."), _collect(remote)))
+                                              system_prompt="Be brief."), remote.collect))
     assert stub.requests[-1]["body"]["messages"] == [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "one"}, {"role": "assistant", "content": "First answer."},
         {"role": "user", "content": "two"}]
-
-
-def _collect(remote):
-    def sink(chunk):
-        with remote._cv:
-            remote.chunks.setdefault(chunk.request_id, []).append(chunk)
-            remote._cv.notify_all()
-    return sink
 
 
 def test_stop_string_is_applied_here_and_ends_the_request(stub, remote):
