@@ -58,6 +58,35 @@ def test_engine_stream_text_equals_decode(engine, backend):
         assert "\ufffd" not in c.text
 
 
+def test_stream_interval_coalesces_chunks_without_losing_text(backend):
+    """stream_interval_ms: the first chunk goes out at once, text generated within the interval
+    rides in later chunks, the final chunk carries what is held; text and ids are the same."""
+    request = Request("Describe the room.", sampling=SamplingOverrides(max_new_tokens=60))
+    answers = {}
+    for interval_ms in (0, 10_000):
+        e = Engine(backend, EngineConfig(defaults=GREEDY, stream_interval_ms=interval_ms))
+        e.start()
+        try:
+            sink = Collector()
+            rid = e.submit(request, sink)
+            final = sink.final(rid)
+        finally:
+            e.stop()
+        chunks = sink.chunks[rid]
+        ids = [t for c in chunks for t in c.token_ids]
+        assert [c.seq for c in chunks] == list(range(len(chunks)))
+        assert final.stats.completion_tokens == len(ids)
+        answers[interval_ms] = (sink.text(rid), ids, len(chunks))
+    (text0, ids0, n0), (text1, ids1, n1) = answers[0], answers[10_000]
+    assert (text1, ids1) == (text0, ids0)
+    assert n0 > 2 and n1 == 2   # a chunk per token vs. the first chunk + the final one
+
+
+def test_stream_interval_is_validated():
+    with pytest.raises(ConfigError, match="stream_interval_ms"):
+        EngineConfig(stream_interval_ms=-1)
+
+
 def test_cancel_stops_within_one_token(backend):
     ids = backend.apply_chat_template([{"role": "user", "content": "go"}])
     cancel = threading.Event()

@@ -40,6 +40,10 @@ class EngineConfig:
     max_queue: int = 16            # requests waiting behind the running one
     max_history_turns: int = 8     # per session
     max_context_tokens: int = 0    # 0 = the model's context length
+    #: Shortest time between two streamed chunks of a request; text generated meanwhile goes out
+    #: together in the next chunk. The first chunk and the final one are never held back. 0 = a
+    #: chunk per piece of text.
+    stream_interval_ms: int = 0
 
     def __post_init__(self) -> None:
         if self.max_queue < 0:
@@ -48,6 +52,9 @@ class EngineConfig:
             raise ConfigError(f"max_history_turns must be >= 0, got {self.max_history_turns}")
         if self.max_context_tokens < 0:
             raise ConfigError(f"max_context_tokens must be >= 0, got {self.max_context_tokens}")
+        if not 0 <= self.stream_interval_ms <= 10_000:
+            raise ConfigError(f"stream_interval_ms must be between 0 and 10000, got "
+                              f"{self.stream_interval_ms}")
 
 
 @dataclasses.dataclass
@@ -76,6 +83,10 @@ class _Job:
         self._seq = 0
         self._final_sent = False
         self._logger = logger
+        # Text and token ids generated but not yet sent (see stream()).
+        self._held_text: List[str] = []
+        self._held_ids: List[int] = []
+        self._t_sent = 0.0
 
     def emit(self, text: str = "", token_ids=(), **final) -> None:
         """Deliver one chunk; a chunk with ``finish_reason`` is the final one (sent once only)."""
@@ -92,8 +103,31 @@ class _Job:
             self._logger.error(f"request {self.request.request_id}: delivering chunk {chunk.seq} "
                                f"failed: {type(exc).__name__}: {exc}")
 
+    def stream(self, text: str, token_ids=(), interval_s: float = 0.0) -> None:
+        """A piece of the answer: sent now when it is the first chunk or ``interval_s`` has passed
+        since the last one, else held and sent with the next chunk (the final one included)."""
+        self._held_ids.extend(token_ids)
+        if text:
+            self._held_text.append(text)
+        if not self._held_text:
+            return   # token ids without text yet (a split character) ride with the next text
+        now = time.monotonic()
+        if self._seq and now - self._t_sent < interval_s:
+            return
+        self._t_sent = now
+        text, ids = "".join(self._held_text), self._held_ids
+        self._held_text, self._held_ids = [], []
+        self.emit(text, ids)
+
+    def finish(self, tail: str = "", token_ids=(), **final) -> None:
+        """The final chunk, carrying whatever :meth:`stream` still holds."""
+        text = "".join(self._held_text) + tail
+        ids = self._held_ids + list(token_ids)
+        self._held_text, self._held_ids = [], []
+        self.emit(text, ids, **final)
+
     def fail(self, message: str, stats: Optional[Stats] = None) -> None:
-        self.emit(finish_reason=FinishReason.ERROR, error=message, stats=stats or Stats())
+        self.finish(finish_reason=FinishReason.ERROR, error=message, stats=stats or Stats())
 
 
 class Engine:
@@ -115,6 +149,7 @@ class Engine:
         if config.max_context_tokens:
             ctx = min(ctx, config.max_context_tokens) if ctx else config.max_context_tokens
         self._context = ctx
+        self._interval_s = config.stream_interval_ms / 1e3
 
     @property
     def context_tokens(self) -> int:
@@ -210,7 +245,7 @@ class Engine:
             else:
                 return False
         self.counters.cancelled += 1
-        job.emit(finish_reason=FinishReason.CANCELLED, stats=self._stats(job, 0, 0))
+        job.finish(finish_reason=FinishReason.CANCELLED, stats=self._stats(job, 0, 0))
         return True
 
     # -- internals -------------------------------------------------------------------------------
@@ -286,8 +321,8 @@ class Engine:
         detok = IncrementalDetokenizer(backend.decode)
         stops = StopStringFilter(params.stop)
         eos = backend.eos_token_ids
+        interval = self._interval_s
         pieces: List[str] = []
-        pending: List[int] = []
         n = 0
         t_first = t_last = 0.0
         finish = None
@@ -297,15 +332,14 @@ class Engine:
             if n == 0:
                 t_first = t_last
             n += 1
-            pending.append(token)
             if token in eos:
+                job.stream("", (token,), interval)   # no text: held for the final chunk
                 finish = FinishReason.STOP
                 break
             text = stops.feed(detok.push(token))
             if text:
                 pieces.append(text)
-                job.emit(text, pending)
-                pending = []
+            job.stream(text, (token,), interval)
             if stops.stopped:
                 finish = FinishReason.STOP
                 break
@@ -325,9 +359,9 @@ class Engine:
                 pieces.append(tail)
         stats = self._stats(job, len(prompt_ids), n, t_start, t_first, t_last)
         if finish is FinishReason.CANCELLED:
-            self._finish_cancelled(job, len(prompt_ids), n, tail, t_start, stats, pending)
+            self._finish_cancelled(job, len(prompt_ids), n, tail, t_start, stats)
             return
-        self._succeed(job, pieces, tail, finish, stats, pending)
+        self._succeed(job, pieces, tail, finish, stats)
 
     def _run_text(self, job: _Job) -> None:
         """One request on a text-streaming backend: the conversation goes out as messages (history
@@ -358,7 +392,7 @@ class Engine:
                 text = stops.feed(delta)
                 if text:
                     pieces.append(text)
-                    job.emit(text)
+                    job.stream(text, (), self._interval_s)
                 if stops.stopped:
                     stream.close()
                     break
@@ -372,7 +406,7 @@ class Engine:
         if error:
             self.counters.failed += 1
             self._log.warning(f"request {request.request_id} failed after {n} pieces: {error}")
-            job.emit(tail, finish_reason=FinishReason.ERROR, error=error, stats=stats)
+            job.finish(tail, finish_reason=FinishReason.ERROR, error=error, stats=stats)
             return
         if stops.stopped:
             finish = FinishReason.STOP
@@ -398,24 +432,24 @@ class Engine:
         job.fail(str(exc), self._stats(job, 0, 0, t_start=t_start))
 
     def _succeed(self, job: _Job, pieces: List[str], tail: str, finish: FinishReason,
-                 stats: Stats, pending=()) -> None:
+                 stats: Stats) -> None:
         """Record the finished turn in its session and send the final chunk."""
         request = job.request
         self._sessions.append(request.session, Turn(request.prompt, "".join(pieces)))
         self.counters.succeeded += 1
         self.counters.last_ttft_ms = stats.time_to_first_token_ms
         self.counters.last_tokens_per_second = stats.tokens_per_second
-        job.emit(tail, pending, finish_reason=finish, stats=stats)
+        job.finish(tail, finish_reason=finish, stats=stats)
 
-    def _finish_cancelled(self, job, prompt_tokens, n, tail, t_start, stats=None, pending=()):
+    def _finish_cancelled(self, job, prompt_tokens, n, tail, t_start, stats=None):
         if job.abort_reason:
             self.counters.failed += 1
-            job.emit(tail, pending, finish_reason=FinishReason.ERROR,
+            job.finish(tail, finish_reason=FinishReason.ERROR,
                      error=f"request stopped: {job.abort_reason}",
                      stats=stats or self._stats(job, prompt_tokens, n, t_start))
             return
         self.counters.cancelled += 1
-        job.emit(tail, pending, finish_reason=FinishReason.CANCELLED,
+        job.finish(tail, finish_reason=FinishReason.CANCELLED,
                  stats=stats or self._stats(job, prompt_tokens, n, t_start))
 
     @staticmethod

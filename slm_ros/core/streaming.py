@@ -8,6 +8,7 @@
 * :func:`iterate_in_thread` runs a blocking producer (e.g. ``model.generate`` with a streamer) on a worker
   thread and hands its items to the consumer through a bounded queue; producer exceptions re-raise in
   the consumer and a cancel event stops both sides.
+* :func:`call_in_thread` runs one call on a short-lived thread and returns its result.
 """
 
 from __future__ import annotations
@@ -105,6 +106,32 @@ class _Done:
 
     def __init__(self, error: BaseException = None):
         self.error = error
+
+
+def call_in_thread(fn: Callable[[], T], name: str = "slm-call") -> T:
+    """``fn()`` on a new thread that exits when it returns; its result or exception comes back here.
+
+    For one-off compute on a model (a warm-up) from a thread that lives on: OpenMP runtimes
+    (llama.cpp's and PyTorch's) keep a pool of spinning workers for every thread that ever ran a
+    parallel region, until that thread exits. A second pool beside the engine worker's makes libgomp
+    throttle its spinning on a machine with few cores: llama.cpp on 2 cores lost ~25 % of its
+    decode speed in the node.
+    """
+    out: list = []
+
+    def run() -> None:
+        try:
+            out.append((True, fn()))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+            out.append((False, exc))
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    thread.join()
+    ok, value = out[0]
+    if not ok:
+        raise value
+    return value
 
 
 def iterate_in_thread(

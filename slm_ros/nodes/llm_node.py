@@ -64,7 +64,7 @@ class LlmNode(ModelNode):
             self.create_subscription(String, "cancel", self._on_cancel_topic, qos.COMMANDS,
                                      callback_group=self._command_group),
         ]
-        self.create_generation_action(Generate, "generate", self._execute)
+        self.create_generation_action(Generate, "generate", self._start_goal)
 
     # -- requests --------------------------------------------------------------------------------
 
@@ -75,9 +75,9 @@ class LlmNode(ModelNode):
 
         def sink(chunk: Chunk) -> None:
             msg = chunk_to_msg(chunk, self.get_clock().now().to_msg())
-            self._tokens_pub.publish(msg)
-            if goal_handle is not None:
+            if goal_handle is not None:   # first: the waiting client is the latency-critical one
                 goal_handle.publish_feedback(Generate.Feedback(chunk=msg))
+            self._tokens_pub.publish(msg)
             texts.append(chunk.text)
             if chunk.is_final:
                 text = "".join(texts)
@@ -106,7 +106,8 @@ class LlmNode(ModelNode):
         if not self._engine.cancel(msg.data.strip()):
             self.get_logger().warning(f"cancel: no queued or running request {msg.data.strip()!r}")
 
-    def _execute(self, goal_handle) -> Generate.Result:
+    def _start_goal(self, goal_handle):
+        """Submit the goal's request (see ModelNode.create_generation_action); returns finish()."""
         done, out = threading.Event(), []
         sink = self._sink(goal_handle, done, out)
         engine = self._engine
@@ -120,13 +121,17 @@ class LlmNode(ModelNode):
             if goal_handle.is_cancel_requested:  # cancelled before we knew its request id
                 engine.cancel(request.request_id)
             engine.submit(request, sink)
-        done.wait()
-        self.untrack_goal(goal_handle)
-        chunk, text = out[0]
-        finish_goal(goal_handle, chunk.finish_reason)
-        return Generate.Result(
-            request_id=chunk.request_id, text=text, finish_reason=chunk.finish_reason.value,
-            error=chunk.error, stats=stats_to_msg(chunk.stats))
+
+        def finish() -> Generate.Result:
+            done.wait()
+            self.untrack_goal(goal_handle)
+            chunk, text = out[0]
+            finish_goal(goal_handle, chunk.finish_reason)
+            return Generate.Result(
+                request_id=chunk.request_id, text=text, finish_reason=chunk.finish_reason.value,
+                error=chunk.error, stats=stats_to_msg(chunk.stats))
+
+        return finish
 
 
 def main(args=None) -> int:

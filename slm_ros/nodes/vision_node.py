@@ -123,7 +123,7 @@ class VisionNode(ModelNode):
         if p["periodic_question"] and p["rate_hz"] > 0:
             self._entities.append(self.create_timer(1.0 / p["rate_hz"], self._on_periodic,
                                                     callback_group=self._command_group))
-        self.create_generation_action(AskImage, "ask", self._execute)
+        self.create_generation_action(AskImage, "ask", self._start_goal)
 
     def destroy_interfaces(self) -> None:
         if self._entities:
@@ -232,9 +232,9 @@ class VisionNode(ModelNode):
 
         def sink(chunk: Chunk) -> None:
             msg = chunk_to_msg(chunk, self.get_clock().now().to_msg())
-            self._tokens_pub.publish(msg)
-            if goal_handle is not None:
+            if goal_handle is not None:   # first: the waiting client is the latency-critical one
                 goal_handle.publish_feedback(AskImage.Feedback(chunk=msg))
+            self._tokens_pub.publish(msg)
             texts.append(chunk.text)
             if chunk.is_final:
                 answer = self._answer(chunk, question, "".join(texts), record)
@@ -307,7 +307,8 @@ class VisionNode(ModelNode):
 
         self._submit(question, factory)
 
-    def _execute(self, goal_handle) -> AskImage.Result:
+    def _start_goal(self, goal_handle):
+        """Submit the goal's question (see ModelNode.create_generation_action); returns finish()."""
         goal = goal_handle.request
         done, out = threading.Event(), []
         request_id = uuid.uuid4().hex
@@ -319,11 +320,16 @@ class VisionNode(ModelNode):
                      goal_image=image)
         if goal_handle.is_cancel_requested and self._engine is not None:
             self._engine.cancel(request_id)
-        done.wait()
-        self.untrack_goal(goal_handle)
-        chunk, answer = out[0]
-        finish_goal(goal_handle, chunk.finish_reason)
-        return AskImage.Result(answer=answer)
+
+        def finish() -> AskImage.Result:
+            done.wait()
+            self.untrack_goal(goal_handle)
+            chunk, answer = out[0]
+            finish_goal(goal_handle, chunk.finish_reason)
+            return AskImage.Result(answer=answer)
+
+        return finish
+
 
 def _processor_options(text: str) -> dict:
     """The ``processor_options`` parameter: empty or a JSON object; ConfigError otherwise."""

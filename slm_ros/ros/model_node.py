@@ -24,6 +24,7 @@ from slm_ros.backends.base import BackendBase, BackendConfig, RemoteConfig
 from slm_ros.backends.registry import choose_backend, create_backend
 from slm_ros.core.engine import Engine, EngineConfig
 from slm_ros.core.errors import SlmError
+from slm_ros.core.streaming import call_in_thread
 from slm_ros.core.types import SamplingParams
 from slm_ros.models import DEFAULT_MODEL, ResolvedModel, resolve_model
 from slm_ros.ros import diagnostics, qos
@@ -83,6 +84,11 @@ def model_parameters(backends: Sequence[str], default_model: str,
                   "Context window used (prompt + answer); 0 = the model's own. History is trimmed "
                   "oldest-first to fit; a prompt that alone does not fit is refused.",
                   int_range=(0, 1 << 24)),
+        ParamSpec("stream_interval_ms", 0,
+                  "Shortest time between two streamed chunks of one request: text generated "
+                  "meanwhile goes out together in the next chunk (fewer messages at high token "
+                  "rates). The first and the final chunk are never held back. 0 = a chunk per "
+                  "token.", int_range=(0, 10000)),
         ParamSpec("remote.base_url", _R.base_url,
                   "openai backend: base URL of the OpenAI-compatible server, up to and including "
                   "/v1 (trtllm-serve, vLLM, NIM, Ollama, llama.cpp server). `model` is then the "
@@ -138,7 +144,8 @@ def engine_config_from_params(p: Dict) -> EngineConfig:
             stop=tuple(p["default_stop"]))
         return EngineConfig(defaults=defaults, system_prompt=p["system_prompt"],
                             max_queue=p["max_queue"], max_history_turns=p["max_history_turns"],
-                            max_context_tokens=p["max_context_tokens"])
+                            max_context_tokens=p["max_context_tokens"],
+                            stream_interval_ms=p["stream_interval_ms"])
     except SlmError as exc:
         raise type(exc)(f"invalid parameter: {exc}") from exc
 
@@ -169,6 +176,7 @@ class ModelNode(LifecycleNode):
         # Goals run concurrently, each waiting for its request; goal id -> request id for cancels.
         self._goal_group = ReentrantCallbackGroup()
         self._goal_requests: Dict[bytes, str] = {}
+        self._goal_finish: Dict[bytes, Callable[[], object]] = {}
         self._goal_lock = threading.Lock()
         self._action_server: Optional[ActionServer] = None
         self._model_label = ""
@@ -190,18 +198,46 @@ class ModelNode(LifecycleNode):
     def create_interfaces(self) -> None:
         """Create topics/actions (called at the end of a successful configure)."""
 
-    def create_generation_action(self, action_type, name: str, execute: Callable) -> None:
+    def create_generation_action(self, action_type, name: str,
+                                 start: Callable[[object], Callable[[], object]]) -> None:
         """The node's streaming action server: every goal accepted, cancel mapped to the engine,
         feedback and services on the deep QoS profiles (rclpy's depth-10 defaults drop chunks and
-        goals under load)."""
+        goals under load).
+
+        ``start(goal_handle)`` submits the goal's request to the engine without blocking and
+        returns ``finish()``, which waits for the final chunk, ends the goal and returns its result.
+        ``start`` runs as soon as the goal is accepted, in the executor callback that accepted it:
+        generation does not wait for the executor to dispatch the execute callback (1-3 ms on a
+        small CPU), which only calls ``finish``."""
         self._action_server = ActionServer(
-            self, action_type, name, execute_callback=execute,
+            self, action_type, name, execute_callback=self._execute_goal,
             goal_callback=lambda _goal: GoalResponse.ACCEPT,
+            handle_accepted_callback=lambda goal_handle: self._accept_goal(
+                goal_handle, start, action_type),
             cancel_callback=self._on_cancel_goal, callback_group=self._goal_group,
             feedback_pub_qos_profile=qos.ACTION_FEEDBACK,
             goal_service_qos_profile=qos.ACTION_SERVICES,
             result_service_qos_profile=qos.ACTION_SERVICES,
             cancel_service_qos_profile=qos.ACTION_SERVICES)
+
+    def _accept_goal(self, goal_handle, start: Callable, action_type) -> None:
+        try:
+            finish = start(goal_handle)
+        except Exception as exc:  # noqa: BLE001 - a goal must end even when starting it fails
+            self.get_logger().error(f"goal {bytes(goal_handle.goal_id.uuid).hex()} could not "
+                                    f"start: {type(exc).__name__}: {exc}")
+
+            def finish():
+                goal_handle.abort()
+                return action_type.Result()
+        with self._goal_lock:
+            self._goal_finish[bytes(goal_handle.goal_id.uuid)] = finish
+        goal_handle.execute()   # EXECUTING; schedules _execute_goal
+
+    def _execute_goal(self, goal_handle):
+        with self._goal_lock:
+            finish = self._goal_finish.pop(bytes(goal_handle.goal_id.uuid))
+        return finish()
 
     def track_goal(self, goal_handle, request_id: str) -> None:
         """Remember which request a goal runs, so a goal cancel reaches the engine."""
@@ -278,7 +314,9 @@ class ModelNode(LifecycleNode):
                                          prefer_gguf=backend_name == "llama_cpp")
             log.info(f"loading {resolved.name} with backend {backend_name} ...")
             backend.load(self.backend_config(backend_name, resolved.path, p, engine_config))
-            backend.warmup()
+            # On a thread that ends: this executor thread lives on, and would otherwise keep an
+            # OpenMP pool beside the engine worker's (see call_in_thread).
+            call_in_thread(backend.warmup, name="slm-warmup")
         except SlmError as exc:
             return self.configure_failed(log, str(exc))
         self._model_label = (backend.describe().get("model") if backend.remote else "") or \
