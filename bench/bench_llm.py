@@ -4,10 +4,11 @@
 What it measures, on the embedded model (``model: default``, SmolLM2-135M-Instruct), greedy decoding,
 the same prompts and the same ``max_new_tokens`` on both paths:
 
-* **raw** - the transformers backend in this process: ``resolve_model`` -> ``create_backend`` ->
-  ``load`` -> ``warmup``, then ``backend.generate`` on the chat-templated prompt ids (built exactly as
-  the node builds them: node system prompt empty, no history). TTFT is from calling ``generate`` to the
-  first token; decode speed is ``(n - 1) / (t_last - t_first)`` over the generated tokens.
+* **raw** - the backend in this process: ``resolve_model`` -> ``create_backend`` -> ``load`` ->
+  ``warmup``, then ``backend.generate`` on the chat-templated prompt ids (built exactly as the node
+  builds them: node system prompt empty, no history). TTFT is from the prompt text (the chat template
+  and tokenization count, as they do in the node) to the first token; decode speed is
+  ``(n - 1) / (t_last - t_first)`` over the generated tokens.
 * **ros** - the installed ``llm_node`` executable started as a separate process, and a client node in
   this process sending goals to ``<namespace>/generate``. TTFT is from sending the goal to the first
   feedback chunk with text, as the client sees it; decode speed counts the token ids carried by the
@@ -59,6 +60,7 @@ MODEL = "default"
 BACKEND = "transformers"
 REPETITION_PENALTY = 1.1
 THREADS = 0   # backend compute threads on both paths; 0 = the backend's default
+NODE_PARAMS: List[str] = []   # extra name:=value parameters of the node (--node-param)
 GOAL_TPS_RATIO = 0.98
 GOAL_TTFT_OVERHEAD_MS = 5.0
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_llm.json"
@@ -196,10 +198,12 @@ class RawBench:
         return self.backend.apply_chat_template(self._build_messages("", [], prompt))
 
     def generate(self, prompt: str, max_new_tokens: int) -> RunResult:
-        """One timed greedy generation of ``prompt``."""
+        """One timed greedy generation of ``prompt``, timed from the prompt text like the node's
+        path: the chat template and tokenization count towards TTFT."""
         params = self._sampling(max_new_tokens=max_new_tokens, temperature=0.0,
                                 repetition_penalty=REPETITION_PENALTY)
-        return raw_once(self.backend, self.prompt_ids(prompt), params)
+        t0 = time.monotonic()
+        return raw_once(self.backend, self.prompt_ids(prompt), params, t0)
 
     def close(self) -> None:
         """Free the model."""
@@ -207,11 +211,11 @@ class RawBench:
         gc.collect()
 
 
-def raw_once(backend, prompt_ids: List[int], params) -> RunResult:
-    """One timed generation straight from the backend."""
+def raw_once(backend, prompt_ids: List[int], params, t0: Optional[float] = None) -> RunResult:
+    """One timed generation straight from the backend; TTFT counts from ``t0`` (default: now)."""
     tokens: List[int] = []
     t_first = t_last = 0.0
-    t0 = time.monotonic()
+    t0 = time.monotonic() if t0 is None else t0
     for token in backend.generate(prompt_ids, params, threading.Event()):
         t_last = time.monotonic()
         if not tokens:
@@ -231,7 +235,8 @@ def node_command(max_new_tokens: int) -> List[str]:
             "-p", f"model:={MODEL}", "-p", f"backend:={BACKEND}",
             "-p", f"default_max_new_tokens:={max_new_tokens}",
             "-p", f"default_repetition_penalty:={REPETITION_PENALTY}",
-            "-p", "max_history_turns:=0", "-p", f"threads:={THREADS}"]
+            "-p", "max_history_turns:=0", "-p", f"threads:={THREADS}",
+            *[arg for param in NODE_PARAMS for arg in ("-p", param)]]
 
 
 def stop_process(proc: subprocess.Popen, timeout_s: float = 15.0) -> None:
@@ -265,6 +270,11 @@ class GenerateClient:
         self.node = rclpy.create_node("slm_bench_client", namespace=namespace, context=self._context)
         self._client = ActionClient(self.node, Generate, "generate",
                                     feedback_sub_qos_profile=qos.ACTION_FEEDBACK)
+        # One executor for the client's life, as a real client keeps one spinning: building one
+        # per wait would delay the first feedback callback (and the measured TTFT) by its setup.
+        from rclpy.executors import SingleThreadedExecutor
+        self._executor = SingleThreadedExecutor(context=self._context)
+        self._executor.add_node(self.node)
 
     def wait_for_server(self, alive: Callable[[], bool], timeout_s: float) -> None:
         """Wait until the action server answers; fail early if the node process died."""
@@ -277,18 +287,11 @@ class GenerateClient:
                                    f"{timeout_s:.0f} s")
 
     def _spin_until(self, done: Callable[[], bool], timeout_s: float) -> None:
-        from rclpy.executors import SingleThreadedExecutor
-        executor = SingleThreadedExecutor(context=self._context)
-        executor.add_node(self.node)
-        try:
-            deadline = time.monotonic() + timeout_s
-            while not done():
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"no answer within {timeout_s:.0f} s")
-                executor.spin_once(timeout_sec=0.1)
-        finally:
-            executor.remove_node(self.node)
-            executor.shutdown()
+        deadline = time.monotonic() + timeout_s
+        while not done():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no answer within {timeout_s:.0f} s")
+            self._executor.spin_once(timeout_sec=0.1)
 
     def generate(self, prompt: str, max_new_tokens: int, timeout_s: float = 300.0) -> RunResult:
         """Send one greedy goal, wait for its result and final feedback chunk, return timings."""
@@ -325,7 +328,14 @@ class GenerateClient:
         if not handle.accepted:
             raise RuntimeError("goal rejected by the llm node")
         result_future = handle.get_result_async()
-        self._spin_until(lambda: result_future.done() and bool(final_seen), timeout_s)
+        self._spin_until(result_future.done, timeout_s)
+        # rclpy's action client drops feedback of a goal whose result it has already handled, so
+        # the final chunk's feedback (sent before the result) can be lost when the result wins the
+        # race between the two DDS topics: wait a moment for it, then go on without it.
+        with contextlib.suppress(TimeoutError):
+            self._spin_until(lambda: bool(final_seen), 1.0)
+        if not final_seen:
+            log("note: the final feedback chunk did not reach the client (result came first)")
         result = result_future.result().result
         if result.finish_reason == "error":
             raise RuntimeError(f"generation failed: {result.error}")
@@ -341,6 +351,7 @@ class GenerateClient:
 
     def close(self) -> None:
         """Destroy the client node and shut its context down."""
+        self._executor.shutdown()
         self._client.destroy()
         self.node.destroy_node()
         self._rclpy.try_shutdown(context=self._context)
@@ -498,6 +509,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                              f"embedded GGUF directly)")
     parser.add_argument("--threads", type=int, default=0,
                         help="backend compute threads on both paths (0 = backend default)")
+    parser.add_argument("--node-param", action="append", default=[], metavar="NAME:=VALUE",
+                        help="extra llm_node parameter (repeatable), e.g. stream_interval_ms:=0")
     parser.add_argument("--wait", type=float, default=600.0,
                         help="seconds to wait for the node to load the model (default 600)")
     args = parser.parse_args(argv)
@@ -510,9 +523,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Run both paths, print the JSON report and write it to ``--out``."""
-    global BACKEND, THREADS
+    global BACKEND, THREADS, NODE_PARAMS
     args = parse_args(argv)
-    BACKEND, THREADS = args.backend, args.threads
+    BACKEND, THREADS, NODE_PARAMS = args.backend, args.threads, list(args.node_param)
     prompts = PROMPTS[:QUICK_PROMPTS] if args.quick else PROMPTS
     with ros_domain() as domain:
         log(f"ROS_DOMAIN_ID={domain}, ROS_AUTOMATIC_DISCOVERY_RANGE="

@@ -5,13 +5,16 @@ Measured side by side in one run, same prompts, greedy decoding, fixed max token
 
 1. **backends** - per backend on the embedded model (SmolLM2-135M-Instruct: transformers on its
    float32 copy, llama_cpp on the Q4_1 GGUF itself), each in a fresh process: load time, TTFT, decode
-   tokens/s, peak RSS.
+   tokens/s, peak RSS; llama_cpp also on the GGUF requantized to q8_0 and f16 by the engine builder
+   (``llama_cpp_quantizations``): the same model with more bytes per weight shows whether decode is
+   bound by memory bandwidth or by compute.
 2. **bandwidth bound** - this machine's memory bandwidth (numpy copies of a 256 MiB buffer, best of
    several; read + write bytes) divided by the bytes of weights read per generated token (the model's
    weight bytes as the backend holds them) = the decode ceiling; each backend's fraction of it.
    Goal: llama_cpp >= 50 % of the ceiling.
 3. **ROS vs raw** - ``bench_llm.py`` per backend: the node in its own process and an action client in
-   another, against the backend in-process. Goals: tokens/s ratio >= 0.98, TTFT overhead <= 5 ms.
+   another, against the backend in-process; llama_cpp also with ``stream_interval_ms:=50``. Goals:
+   tokens/s ratio >= 0.98, TTFT overhead <= 5 ms.
 4. **vision ingest** - ``bench_vision.py`` (640x480 rgb8 at 30 Hz).
 5. **CUDA** - the transformers backend on a GPU when this machine has one (skipped here, with the
    reason, otherwise).
@@ -44,11 +47,15 @@ PROMPTS = (
     "language model to turn spoken requests into navigation goals. Give three pieces of advice.",
 )
 
+#: Requantizations of the embedded GGUF measured besides it (llama_cpp_quantizations).
+QUANTIZATION_SWEEP = ("q8_0", "f16")
+
 # Runs in a fresh process per backend: load, warm up, time each prompt, report peak RSS.
 PROBE = r"""
 import json, resource, statistics, sys, threading, time
 backend_name, device, max_new, repeats = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 prompts = json.loads(sys.argv[5])
+model_override = sys.argv[6] if len(sys.argv) > 6 else ""
 from slm_ros.backends.base import BackendConfig
 from slm_ros.backends.registry import create_backend
 from slm_ros.core.session import build_messages
@@ -57,7 +64,7 @@ from slm_ros.models import resolve_model
 import inspect
 kw = {"prefer_gguf": True} if backend_name == "llama_cpp" and \
     "prefer_gguf" in inspect.signature(resolve_model).parameters else {}
-model = resolve_model("default", **kw)
+model = resolve_model(model_override or "default", **kw)
 backend = create_backend(backend_name)
 t0 = time.monotonic()
 backend.load(BackendConfig(model=model.path, device=device))
@@ -122,14 +129,39 @@ def available_backends() -> List[str]:
     return out
 
 
-def probe(backend: str, device: str, max_new: int, repeats: int) -> Dict:
-    log(f"backend {backend} on {device}: load, TTFT, tokens/s, RSS")
+def probe(backend: str, device: str, max_new: int, repeats: int, model: str = "") -> Dict:
+    log(f"backend {backend} on {device}{f' ({model})' if model else ''}: load, TTFT, tokens/s, RSS")
     proc = subprocess.run([sys.executable, "-c", PROBE, backend, device, str(max_new),
-                           str(repeats), json.dumps(PROMPTS)],
+                           str(repeats), json.dumps(PROMPTS), model],
                           capture_output=True, text=True, cwd="/")
     if proc.returncode != 0:
         return {"backend": backend, "error": proc.stderr.strip().splitlines()[-1:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def requantized(quantization: str, out_dir: Path) -> str:
+    """The embedded GGUF requantized by the engine builder's llama.cpp step (cached in
+    ``out_dir``); returns the file's path."""
+    import threading
+    from slm_ros.build.llama_cpp_step import LlamaCppStep
+    from slm_ros.build.spec import BuildSpec
+    from slm_ros.models import resolve_model
+    source = Path(resolve_model("default", prefer_gguf=True).path)
+    target = out_dir / f"{source.stem}-{quantization}.gguf"
+    if not target.is_file():
+        spec = BuildSpec(model=str(source), backend="llama_cpp", quantization=quantization)
+        facts = LlamaCppStep().build(spec, out_dir, lambda *_: None, threading.Event())
+        target = out_dir / facts["file"]
+    return str(target)
+
+
+def with_ceiling(result: Dict, bandwidth_gbs: float) -> Dict:
+    """Add the bandwidth ceiling (bandwidth / weight bytes per token) and the fraction reached."""
+    if "error" not in result and result.get("weight_bytes"):
+        ceiling = bandwidth_gbs * 1e9 / result["weight_bytes"]
+        result["bandwidth_ceiling_tokens_per_second"] = ceiling
+        result["fraction_of_ceiling"] = result["tokens_per_second_median"] / ceiling
+    return result
 
 
 def run_json(cmd: List[str], out: Path) -> Dict:
@@ -200,6 +232,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--out-dir", type=Path, default=HERE / "results")
     parser.add_argument("--skip-ros", action="store_true")
     parser.add_argument("--skip-vision", action="store_true")
+    parser.add_argument("--skip-quantizations", action="store_true",
+                        help=f"no llama_cpp sweep over {', '.join(QUANTIZATION_SWEEP)}")
     args = parser.parse_args(argv)
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -222,14 +256,26 @@ def main(argv: Optional[List[str]] = None) -> int:
     report["bandwidth"] = memory_bandwidth_gbs()
     log(f"memory bandwidth {report['bandwidth']['copy_gb_per_s']:.1f} GB/s")
     report["backends"] = []
+    bandwidth = report["bandwidth"]["copy_gb_per_s"]
     for name in available_backends():
-        result = probe(name, "cpu", args.max_new_tokens, repeats)
-        if "error" not in result and result["weight_bytes"]:
-            ceiling = report["bandwidth"]["copy_gb_per_s"] * 1e9 / result["weight_bytes"]
-            result["bandwidth_ceiling_tokens_per_second"] = ceiling
-            result["fraction_of_ceiling"] = result["tokens_per_second_median"] / ceiling
+        result = with_ceiling(probe(name, "cpu", args.max_new_tokens, repeats), bandwidth)
         report["backends"].append(result)
         log(json.dumps({k: v for k, v in result.items() if k != "describe"}))
+    if "llama_cpp" in available_backends() and not args.skip_quantizations:
+        # Where the bound lies: the same model with more bytes per weight. 4-bit dot products on
+        # a small CPU are compute bound, wider weights approach the bandwidth bound.
+        report["llama_cpp_quantizations"] = []
+        for quantization in QUANTIZATION_SWEEP:
+            try:
+                path = requantized(quantization, args.out_dir / "gguf")
+            except Exception as exc:  # noqa: BLE001 - report and go on with the suite
+                result = {"backend": "llama_cpp", "error": f"{type(exc).__name__}: {exc}"}
+            else:
+                result = with_ceiling(probe("llama_cpp", "cpu", args.max_new_tokens, repeats,
+                                            path), bandwidth)
+            result["quantization"] = quantization
+            report["llama_cpp_quantizations"].append(result)
+            log(json.dumps({k: v for k, v in result.items() if k != "describe"}))
     gpu_reason = cuda_available()
     report["cuda"] = ({"skipped": gpu_reason} if gpu_reason else
                       probe("transformers", "cuda", args.max_new_tokens, repeats))
@@ -240,6 +286,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                    "--max-new-tokens", str(args.max_new_tokens), "--repeats",
                    str(1 if args.quick else 2)]
             report["ros_vs_raw"][name] = run_json(cmd, args.out_dir / f"bench_llm_{name}.json")
+            if name == "llama_cpp":   # ~100 tokens/s: also with chunks coalesced to 20 per second
+                report["ros_vs_raw"][f"{name}_stream_interval_50ms"] = run_json(
+                    cmd + ["--node-param", "stream_interval_ms:=50"],
+                    args.out_dir / f"bench_llm_{name}_stream_interval_50ms.json")
         if "llama_cpp" in available_backends():
             cmd = [sys.executable, str(HERE / "bench_remote.py"), "--max-new-tokens",
                    str(args.max_new_tokens), "--repeats", str(1 if args.quick else 2)]
