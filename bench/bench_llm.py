@@ -10,10 +10,11 @@ the same prompts and the same ``max_new_tokens`` on both paths:
   and tokenization count, as they do in the node) to the first token; decode speed is
   ``(n - 1) / (t_last - t_first)`` over the generated tokens.
 * **ros** - the installed ``llm_node`` executable started as a separate process, and a client node in
-  this process sending goals to ``<namespace>/generate``. TTFT is from sending the goal to the first
-  feedback chunk with text, as the client sees it; decode speed counts the token ids carried by the
-  chunks after the first one over the client-side arrival times of the first and last chunk. The
-  node's own statistics (from the action result) are recorded too.
+  this process sending goals to ``<namespace>/generate`` (``--via topic``: publishing GenerateRequest
+  on ``<namespace>/request`` and reading its chunks on ``<namespace>/tokens``). TTFT is from sending
+  the goal (request) to the first chunk with text, as the client sees it; decode speed counts the
+  token ids carried by the chunks after the first one over the client-side arrival times of the first
+  and last chunk. The node's own statistics (from the result / final chunk) are recorded too.
 
 Each prompt runs ``--repeats`` times per path; medians are reported per prompt, and the summary takes
 the median over prompts of ``ros_tokens_per_second / raw_tokens_per_second`` and of
@@ -252,38 +253,77 @@ def stop_process(proc: subprocess.Popen, timeout_s: float = 15.0) -> None:
         proc.wait()
 
 
-class GenerateClient:
-    """A ROS client node that sends Generate goals and timestamps the feedback it receives."""
+class ChunkRecorder:
+    """Client-side timings of one request's TokenChunks, in arrival order."""
+
+    def __init__(self) -> None:
+        self.arrivals: List[float] = []   # client time of each chunk carrying tokens
+        self.counts: List[int] = []       # tokens (or text deltas) per such chunk
+        self.token_ids: List[int] = []
+        self.first_text = 0.0
+        self.final = None                 # the final TokenChunk once it arrived
+
+    def add(self, chunk) -> None:
+        now = time.monotonic()
+        if chunk.text and not self.first_text:
+            self.first_text = now
+        # A remote (openai) backend's chunks carry text but no token ids: one delta each.
+        n = len(chunk.token_ids) or (1 if chunk.text and not chunk.is_final else 0)
+        if n:
+            self.arrivals.append(now)
+            self.counts.append(n)
+            self.token_ids.extend(int(t) for t in chunk.token_ids)
+        if chunk.is_final:
+            self.final = chunk
+
+    def result(self, t_send: float, stats) -> RunResult:
+        """The run's timings; ``stats`` is the node's GenerationStats of the request."""
+        node_stats = {"prompt_tokens": stats.prompt_tokens,
+                      "completion_tokens": stats.completion_tokens,
+                      "time_to_first_token_ms": stats.time_to_first_token_ms,
+                      "tokens_per_second": stats.tokens_per_second, "total_ms": stats.total_ms,
+                      "queue_ms": stats.queue_ms}
+        ttft = (self.first_text - t_send) * 1e3 if self.first_text else 0.0
+        tps = decode_rate(sum(self.counts[1:]), self.arrivals[0], self.arrivals[-1]) \
+            if self.arrivals else 0.0
+        return RunResult(ttft_ms=ttft, tokens_per_second=tps, completion_tokens=sum(self.counts),
+                         token_ids=self.token_ids, node_stats=node_stats)
+
+
+class _Client:
+    """A ROS client node in its own context, with one executor for its life (as a real client
+    keeps one spinning: building one per wait would delay the first callback, and the measured
+    TTFT, by its setup)."""
 
     def __init__(self, namespace: str) -> None:
         import rclpy
-        from rclpy.action import ActionClient
-
-        from slm_ros.action import Generate
-        from slm_ros.ros import qos
+        from rclpy.executors import SingleThreadedExecutor
 
         self._rclpy = rclpy
         self.namespace = namespace
-        self._goal_type = Generate.Goal
         self._context = rclpy.Context()
         rclpy.init(context=self._context)
         self.node = rclpy.create_node("slm_bench_client", namespace=namespace, context=self._context)
-        self._client = ActionClient(self.node, Generate, "generate",
-                                    feedback_sub_qos_profile=qos.ACTION_FEEDBACK)
-        # One executor for the client's life, as a real client keeps one spinning: building one
-        # per wait would delay the first feedback callback (and the measured TTFT) by its setup.
-        from rclpy.executors import SingleThreadedExecutor
+        self._create()
         self._executor = SingleThreadedExecutor(context=self._context)
         self._executor.add_node(self.node)
 
+    def _create(self) -> None:
+        """Create the client's entities on ``self.node``."""
+
+    def _ready(self) -> bool:
+        """True once the node's interface is reachable."""
+        return True
+
     def wait_for_server(self, alive: Callable[[], bool], timeout_s: float) -> None:
-        """Wait until the action server answers; fail early if the node process died."""
+        """Wait until the node answers; fail early if the node process died."""
         deadline = time.monotonic() + timeout_s
-        while not self._client.wait_for_server(timeout_sec=1.0):
+        while not self._ready():
+            self._executor.spin_once(timeout_sec=0.2)
             if not alive():
                 raise RuntimeError("the llm_node process exited before serving (see its log above)")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"no action server at {self.namespace}/generate after "
+                raise RuntimeError(f"{self.namespace}: the llm node is not reachable after "
                                    f"{timeout_s:.0f} s")
 
     def _spin_until(self, done: Callable[[], bool], timeout_s: float) -> None:
@@ -293,36 +333,45 @@ class GenerateClient:
                 raise TimeoutError(f"no answer within {timeout_s:.0f} s")
             self._executor.spin_once(timeout_sec=0.1)
 
+    def close(self) -> None:
+        """Destroy the client node and shut its context down."""
+        self._executor.shutdown()
+        self._destroy()
+        self.node.destroy_node()
+        self._rclpy.try_shutdown(context=self._context)
+
+    def _destroy(self) -> None:
+        """Destroy what :meth:`_create` made."""
+
+
+class GenerateClient(_Client):
+    """Sends Generate action goals and timestamps the feedback chunks it receives."""
+
+    via = "action"
+
+    def _create(self) -> None:
+        from rclpy.action import ActionClient
+
+        from slm_ros.action import Generate
+        from slm_ros.ros import qos
+        self._goal_type = Generate.Goal
+        self._client = ActionClient(self.node, Generate, "generate",
+                                    feedback_sub_qos_profile=qos.ACTION_FEEDBACK)
+
+    def _ready(self) -> bool:
+        return self._client.server_is_ready()
+
+    def _destroy(self) -> None:
+        self._client.destroy()
+
     def generate(self, prompt: str, max_new_tokens: int, timeout_s: float = 300.0) -> RunResult:
-        """Send one greedy goal, wait for its result and final feedback chunk, return timings."""
+        """Send one greedy goal, wait for its result (and final feedback chunk), return timings."""
         goal = self._goal_type()
-        goal.request.prompt = prompt
-        goal.request.reset_session = True
-        goal.request.sampling.max_new_tokens = max_new_tokens
-        goal.request.sampling.top_k = 1
-        goal.request.sampling.repetition_penalty = REPETITION_PENALTY
-        arrivals: List[float] = []     # client time of each chunk carrying tokens
-        counts: List[int] = []         # tokens (or text deltas) per such chunk
-        token_ids: List[int] = []
-        first_text: List[float] = []
-        final_seen: List[bool] = []
-
-        def on_feedback(feedback) -> None:
-            now = time.monotonic()
-            chunk = feedback.feedback.chunk
-            if chunk.text and not first_text:
-                first_text.append(now)
-            # A remote (openai) backend's chunks carry text but no token ids: one delta each.
-            n = len(chunk.token_ids) or (1 if chunk.text and not chunk.is_final else 0)
-            if n:
-                arrivals.append(now)
-                counts.append(n)
-                token_ids.extend(int(t) for t in chunk.token_ids)
-            if chunk.is_final:
-                final_seen.append(True)
-
+        fill_request(goal.request, prompt, max_new_tokens)
+        chunks = ChunkRecorder()
         t_send = time.monotonic()
-        send = self._client.send_goal_async(goal, feedback_callback=on_feedback)
+        send = self._client.send_goal_async(
+            goal, feedback_callback=lambda feedback: chunks.add(feedback.feedback.chunk))
         self._spin_until(send.done, timeout_s)
         handle = send.result()
         if not handle.accepted:
@@ -333,35 +382,76 @@ class GenerateClient:
         # the final chunk's feedback (sent before the result) can be lost when the result wins the
         # race between the two DDS topics: wait a moment for it, then go on without it.
         with contextlib.suppress(TimeoutError):
-            self._spin_until(lambda: bool(final_seen), 1.0)
-        if not final_seen:
+            self._spin_until(lambda: chunks.final is not None, 1.0)
+        if chunks.final is None:
             log("note: the final feedback chunk did not reach the client (result came first)")
         result = result_future.result().result
         if result.finish_reason == "error":
             raise RuntimeError(f"generation failed: {result.error}")
-        s = result.stats
-        node_stats = {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens,
-                      "time_to_first_token_ms": s.time_to_first_token_ms,
-                      "tokens_per_second": s.tokens_per_second, "total_ms": s.total_ms,
-                      "queue_ms": s.queue_ms}
-        ttft = (first_text[0] - t_send) * 1e3 if first_text else 0.0
-        tps = decode_rate(sum(counts[1:]), arrivals[0], arrivals[-1]) if arrivals else 0.0
-        return RunResult(ttft_ms=ttft, tokens_per_second=tps, completion_tokens=sum(counts),
-                         token_ids=token_ids, node_stats=node_stats)
+        return chunks.result(t_send, result.stats)
 
-    def close(self) -> None:
-        """Destroy the client node and shut its context down."""
-        self._executor.shutdown()
-        self._client.destroy()
-        self.node.destroy_node()
-        self._rclpy.try_shutdown(context=self._context)
+
+class TopicClient(_Client):
+    """Publishes GenerateRequest on ``request`` and timestamps its chunks on ``tokens``: no action
+    round trip (goal request, acceptance) before generation starts."""
+
+    via = "topic"
+
+    def _create(self) -> None:
+        from slm_ros.msg import GenerateRequest, TokenChunk
+        from slm_ros.ros import qos
+        self._request_type = GenerateRequest
+        self._pub = self.node.create_publisher(GenerateRequest, "request", qos.COMMANDS)
+        self._chunks: Dict[str, ChunkRecorder] = {}
+        self._sub = self.node.create_subscription(TokenChunk, "tokens", self._on_chunk,
+                                                  qos.TOKEN_STREAM)
+
+    def _ready(self) -> bool:
+        return self._pub.get_subscription_count() > 0 and \
+            self.node.count_publishers(f"{self.namespace}/tokens") > 0
+
+    def _destroy(self) -> None:
+        self.node.destroy_subscription(self._sub)
+        self.node.destroy_publisher(self._pub)
+
+    def _on_chunk(self, chunk) -> None:
+        recorder = self._chunks.get(chunk.request_id)
+        if recorder is not None:
+            recorder.add(chunk)
+
+    def generate(self, prompt: str, max_new_tokens: int, timeout_s: float = 300.0) -> RunResult:
+        """Publish one greedy request, wait for its final chunk, return timings."""
+        import uuid
+        msg = self._request_type()
+        fill_request(msg, prompt, max_new_tokens)
+        msg.request_id = f"bench-{uuid.uuid4().hex}"
+        chunks = self._chunks[msg.request_id] = ChunkRecorder()
+        try:
+            t_send = time.monotonic()
+            self._pub.publish(msg)
+            self._spin_until(lambda: chunks.final is not None, timeout_s)
+        finally:
+            del self._chunks[msg.request_id]
+        if chunks.final.finish_reason == "error":
+            raise RuntimeError(f"generation failed: {chunks.final.error}")
+        return chunks.result(t_send, chunks.final.stats)
+
+
+def fill_request(request, prompt: str, max_new_tokens: int) -> None:
+    """A GenerateRequest for one greedy, history-free benchmark run."""
+    request.prompt = prompt
+    request.reset_session = True
+    request.sampling.max_new_tokens = max_new_tokens
+    request.sampling.top_k = 1
+    request.sampling.repetition_penalty = REPETITION_PENALTY
 
 
 @contextlib.contextmanager
 def ros_node(max_new_tokens: int, wait_s: float, cmd: Optional[List[str]] = None,
-             namespace: str = "") -> Iterator[GenerateClient]:
+             namespace: str = "", via: str = "action") -> Iterator[_Client]:
     """Run llm_node (``cmd``, default :func:`node_command`, in ``namespace``, default
-    ``NAMESPACE``) in its own process; yield a warmed-up client; stop both on exit."""
+    ``NAMESPACE``) in its own process; yield a warmed-up client that sends its requests ``via``
+    the ``generate`` action or the ``request`` topic; stop both on exit."""
     cmd = cmd or node_command(max_new_tokens)
     namespace = namespace or NAMESPACE
     log(f"ros: starting {' '.join(cmd)}")
@@ -369,10 +459,10 @@ def ros_node(max_new_tokens: int, wait_s: float, cmd: Optional[List[str]] = None
     proc = subprocess.Popen(cmd, stdout=sys.stderr, stderr=sys.stderr)
     client = None
     try:
-        client = GenerateClient(namespace)
+        client = (TopicClient if via == "topic" else GenerateClient)(namespace)
         t0 = time.monotonic()
         client.wait_for_server(lambda: proc.poll() is None, wait_s)
-        log(f"ros: action server up after {time.monotonic() - t0:.1f} s")
+        log(f"ros: node reachable ({via}) after {time.monotonic() - t0:.1f} s")
         client.generate(PROMPTS[0], 4)   # untimed: first round trip (discovery, allocations)
         yield client
     finally:
@@ -417,7 +507,7 @@ def run_benchmark(args, prompts: Sequence[str]) -> Dict[str, object]:
                                 [("raw", raw.generate)], args.pause))
             raw.close()   # free the model before the node loads its copy
             raw = None
-        with ros_node(args.max_new_tokens, args.wait) as client:
+        with ros_node(args.max_new_tokens, args.wait, via=args.via) as client:
             paths = [("ros", client.generate)]
             if raw is not None:
                 paths.insert(0, ("raw", raw.generate))
@@ -465,7 +555,7 @@ def build_report(args, prompts: Sequence[str], bench: Dict) -> Dict[str, object]
                    "prompts": len(prompts), "decoding": "greedy",
                    "repetition_penalty": REPETITION_PENALTY,
                    "schedule": "sequential" if args.sequential else "interleaved",
-                   "pause_s": args.pause, "namespace": NAMESPACE,
+                   "pause_s": args.pause, "namespace": NAMESPACE, "via": args.via,
                    "node_command": bench["node_command"]},
         "per_prompt": rows,
         "summary": {
@@ -509,6 +599,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                              f"embedded GGUF directly)")
     parser.add_argument("--threads", type=int, default=0,
                         help="backend compute threads on both paths (0 = backend default)")
+    parser.add_argument("--via", choices=("action", "topic"), default="action",
+                        help="how the client sends requests: Generate goals (feedback chunks) or "
+                             "GenerateRequest on `request` (chunks on `tokens`); default action")
     parser.add_argument("--node-param", action="append", default=[], metavar="NAME:=VALUE",
                         help="extra llm_node parameter (repeatable), e.g. stream_interval_ms:=0")
     parser.add_argument("--wait", type=float, default=600.0,

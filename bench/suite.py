@@ -13,7 +13,8 @@ Measured side by side in one run, same prompts, greedy decoding, fixed max token
    weight bytes as the backend holds them) = the decode ceiling; each backend's fraction of it.
    Goal: llama_cpp >= 50 % of the ceiling.
 3. **ROS vs raw** - ``bench_llm.py`` per backend: the node in its own process and an action client in
-   another, against the backend in-process; llama_cpp also with ``stream_interval_ms:=50``. Goals:
+   another, against the backend in-process; llama_cpp also with ``stream_interval_ms:=50`` and with
+   requests on the ``request`` topic instead of the action (``--via topic``). Goals:
    tokens/s ratio >= 0.98, TTFT overhead <= 5 ms.
 4. **vision ingest** - ``bench_vision.py`` (640x480 rgb8 at 30 Hz).
 5. **CUDA** - the transformers backend on a GPU when this machine has one (skipped here, with the
@@ -189,9 +190,11 @@ def plot(report: Dict, path: Path) -> Optional[str]:
         import matplotlib.pyplot as plt
     except ImportError as exc:
         return f"no plot: matplotlib not installed ({exc})"
-    backends = [b for b in report["backends"] if "error" not in b]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
-    names = [b["backend"] for b in backends]
+    backends = [b for b in report["backends"] + report.get("llama_cpp_quantizations", [])
+                if "error" not in b]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+    names = [f"{b['backend']}\n{b['quantization']}" if "quantization" in b else b["backend"]
+             for b in backends]
     rates = [b["tokens_per_second_median"] for b in backends]
     ceilings = [b.get("bandwidth_ceiling_tokens_per_second", 0) for b in backends]
     x = range(len(names))
@@ -201,14 +204,16 @@ def plot(report: Dict, path: Path) -> Optional[str]:
     axes[0].set_ylabel("decode tokens/s")
     axes[0].set_title("Decode speed vs memory-bandwidth bound")
     axes[0].legend()
-    axes[1].bar(names, [b["ttft_ms_median"] for b in backends])
+    axes[1].bar(range(len(names)), [b["ttft_ms_median"] for b in backends])
+    axes[1].set_xticks(list(range(len(names))), names)
     axes[1].set_ylabel("ms")
     axes[1].set_title("Time to first token (raw backend)")
     ros = report.get("ros_vs_raw", {})
     labels, raw_v, ros_v = [], [], []
     for name, r in ros.items():
         if "summary" in r:
-            labels.append(name)
+            labels.append(name.replace("_stream_interval_50ms", "\n50 ms chunks")
+                          .replace("_via_topic", "\nrequest topic"))
             raw_v.append(r["summary"]["raw_tokens_per_second"])
             ros_v.append(r["summary"]["ros_tokens_per_second"])
     x = range(len(labels))
@@ -290,6 +295,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                 report["ros_vs_raw"][f"{name}_stream_interval_50ms"] = run_json(
                     cmd + ["--node-param", "stream_interval_ms:=50"],
                     args.out_dir / f"bench_llm_{name}_stream_interval_50ms.json")
+                # The request topic instead of the action: no goal round trip before generating.
+                report["ros_vs_raw"][f"{name}_via_topic"] = run_json(
+                    cmd + ["--via", "topic"], args.out_dir / f"bench_llm_{name}_via_topic.json")
         if "llama_cpp" in available_backends():
             cmd = [sys.executable, str(HERE / "bench_remote.py"), "--max-new-tokens",
                    str(args.max_new_tokens), "--repeats", str(1 if args.quick else 2)]
