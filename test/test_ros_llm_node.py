@@ -151,3 +151,28 @@ def test_unknown_model_path_fails_configure_and_node_stays_up(tmp_path, domain_i
         assert node.proc.poll() is None
     finally:
         assert node.stop() == 0
+
+
+def test_stream_interval_coalesces_the_stream(tiny_model_dir, tmp_path, domain_id):
+    """stream_interval_ms: with an interval longer than the answer, the stream is the first chunk
+    (sent at once) and the final chunk carrying the rest; nothing is lost."""
+    node = NodeProcess(domain_id, tmp_path / "interval.log", model=tiny_model_dir, dtype="float32",
+                       default_repetition_penalty=1.0, stream_interval_ms=10000)
+    try:
+        assert node.wait_for_log("active: serving", 120), node.log()
+        client = LlmClient(domain_id)
+        try:
+            client.wait_ready()
+            handle = client.send_goal("Describe the room", [], max_new_tokens=30, top_k=1)
+            result = wait_future(handle.get_result_async()).result
+            assert result.stats.completion_tokens >= 2, result
+            rid = result.request_id
+            assert client.wait_for(lambda: any(c.is_final for c in client.chunks[rid]), 10)
+            chunks = client.chunks[rid]
+            assert assert_stream_ok(chunks) == result.text
+            assert len(chunks) == 2 and chunks[0].text and chunks[1].is_final
+            assert sum(len(c.token_ids) for c in chunks) == result.stats.completion_tokens
+        finally:
+            client.close()
+    finally:
+        assert node.stop() == 0
