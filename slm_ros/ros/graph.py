@@ -90,8 +90,6 @@ def _create(plan: NodePlan):
 def _bring_up(nodes, stop: threading.Event) -> None:
     """The builder's startup build, then configure + activate of each model node, one at a time
     (see the module docstring); failures are logged by the nodes, which stay up."""
-    from rclpy.lifecycle import TransitionCallbackReturn
-
     from slm_ros.nodes.engine_builder_node import EngineBuilderNode
     for node in nodes:
         if stop.is_set():
@@ -100,15 +98,8 @@ def _bring_up(nodes, stop: threading.Event) -> None:
             if isinstance(node, EngineBuilderNode):
                 if node.get_parameter("build_on_start").value:
                     node.run_build(force=bool(node.get_parameter("force_rebuild").value))
-            elif not node.autostart:
-                continue
-            elif node.trigger_configure() == TransitionCallbackReturn.SUCCESS:
-                node.trigger_activate()
-            else:
-                node.get_logger().error(
-                    f"not serving: configure failed (see above); fix the parameters and trigger "
-                    f"configure again, e.g. `ros2 lifecycle set {node.get_fully_qualified_name()} "
-                    f"configure`")
+            elif node.autostart:
+                node.bring_up()
         except Exception as exc:  # noqa: BLE001 - after Ctrl-C the context is gone mid-transition
             node.get_logger().warning(f"bring-up stopped: {type(exc).__name__}: {exc}")
             return

@@ -193,6 +193,16 @@ class ModelNode(LifecycleNode):
     def params(self) -> Dict:
         return values(self, self.PARAMETERS)
 
+    def bring_up(self) -> None:
+        """Configure and activate (what ``autostart`` does); on failure log how to retry. The
+        node stays up either way."""
+        if self.trigger_configure() == TransitionCallbackReturn.SUCCESS:
+            self.trigger_activate()
+            return
+        self.get_logger().error(
+            f"not serving: configure failed (see above); fix the parameters and trigger configure "
+            f"again, e.g. `ros2 lifecycle set {self.get_fully_qualified_name()} configure`")
+
     # -- subclass hooks ------------------------------------------------------------------------
 
     def create_interfaces(self) -> None:
@@ -429,13 +439,7 @@ def run(node_cls: Type[ModelNode], args=None, extra_threads: int = 4) -> int:
     executor.add_node(node)
     try:
         if node.autostart:
-            if node.trigger_configure() == TransitionCallbackReturn.SUCCESS:
-                node.trigger_activate()
-            else:
-                node.get_logger().error(
-                    f"not serving: configure failed (see above); fix the parameters and trigger "
-                    f"configure again, e.g. `ros2 lifecycle set {node.get_fully_qualified_name()} "
-                    f"configure`")
+            node.bring_up()
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
