@@ -29,8 +29,7 @@ from slm_ros.msg import GenerateRequest, TokenChunk
 from slm_ros.ros import qos
 from slm_ros.ros.conversions import (chunk_to_msg, request_from_msg, request_from_prompt,
                                      stats_to_msg)
-from slm_ros.ros.model_node import ModelNode, model_parameters, run
-from slm_ros.ros.outcome import finish_goal
+from slm_ros.ros.model_node import GoalRun, ModelNode, model_parameters, run
 
 PARAMETERS = model_parameters(
     available_backends("text"), "default",
@@ -106,8 +105,8 @@ class LlmNode(ModelNode):
         if not self._engine.cancel(msg.data.strip()):
             self.get_logger().warning(f"cancel: no queued or running request {msg.data.strip()!r}")
 
-    def _start_goal(self, goal_handle):
-        """Submit the goal's request (see ModelNode.create_generation_action); returns finish()."""
+    def _start_goal(self, goal_handle) -> GoalRun:
+        """Submit the goal's request (see ModelNode.create_generation_action)."""
         done, out = threading.Event(), []
         sink = self._sink(goal_handle, done, out)
         engine = self._engine
@@ -121,17 +120,9 @@ class LlmNode(ModelNode):
             if goal_handle.is_cancel_requested:  # cancelled before we knew its request id
                 engine.cancel(request.request_id)
             engine.submit(request, sink)
-
-        def finish() -> Generate.Result:
-            done.wait()
-            self.untrack_goal(goal_handle)
-            chunk, text = out[0]
-            finish_goal(goal_handle, chunk.finish_reason)
-            return Generate.Result(
-                request_id=chunk.request_id, text=text, finish_reason=chunk.finish_reason.value,
-                error=chunk.error, stats=stats_to_msg(chunk.stats))
-
-        return finish
+        return GoalRun(done, out, lambda chunk, text: Generate.Result(
+            request_id=chunk.request_id, text=text, finish_reason=chunk.finish_reason.value,
+            error=chunk.error, stats=stats_to_msg(chunk.stats)))
 
 
 def main(args=None) -> int:

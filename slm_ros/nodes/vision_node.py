@@ -41,8 +41,7 @@ from slm_ros.core.vision import (FIT_POLICIES, EncodedImage, FrameSlot, RawImage
 from slm_ros.msg import TokenChunk, VisionAnswer
 from slm_ros.ros import qos
 from slm_ros.ros.conversions import chunk_to_msg, sampling_from_msg, stats_to_msg
-from slm_ros.ros.model_node import ModelNode, model_parameters, run
-from slm_ros.ros.outcome import finish_goal
+from slm_ros.ros.model_node import GoalRun, ModelNode, model_parameters, run
 from slm_ros.ros.params import ParamSpec
 
 PARAMETERS = model_parameters(
@@ -307,8 +306,8 @@ class VisionNode(ModelNode):
 
         self._submit(question, factory)
 
-    def _start_goal(self, goal_handle):
-        """Submit the goal's question (see ModelNode.create_generation_action); returns finish()."""
+    def _start_goal(self, goal_handle) -> GoalRun:
+        """Submit the goal's question (see ModelNode.create_generation_action)."""
         goal = goal_handle.request
         done, out = threading.Event(), []
         request_id = uuid.uuid4().hex
@@ -320,15 +319,7 @@ class VisionNode(ModelNode):
                      goal_image=image)
         if goal_handle.is_cancel_requested and self._engine is not None:
             self._engine.cancel(request_id)
-
-        def finish() -> AskImage.Result:
-            done.wait()
-            self.untrack_goal(goal_handle)
-            chunk, answer = out[0]
-            finish_goal(goal_handle, chunk.finish_reason)
-            return AskImage.Result(answer=answer)
-
-        return finish
+        return GoalRun(done, out, lambda _chunk, answer: AskImage.Result(answer=answer))
 
 
 def _processor_options(text: str) -> dict:

@@ -29,6 +29,7 @@ from slm_ros.core.types import SamplingParams
 from slm_ros.models import DEFAULT_MODEL, ResolvedModel, resolve_model
 from slm_ros.ros import diagnostics, qos
 from slm_ros.ros.builder_wait import wait_for_engine
+from slm_ros.ros.outcome import finish_goal
 from slm_ros.ros.params import ParamSpec, declare_all, values
 
 _D = SamplingParams()
@@ -155,6 +156,17 @@ def remote_config_from_params(p: Dict) -> RemoteConfig:
     return RemoteConfig(**{f.name: p[f"remote.{f.name}"] for f in dataclasses.fields(RemoteConfig)})
 
 
+@dataclasses.dataclass
+class GoalRun:
+    """A goal's request handed to the engine: its sink sets ``done`` on the final chunk, after
+    appending ``(final chunk, value)`` to ``out``; ``result(chunk, value)`` builds the action's
+    result from them."""
+
+    done: threading.Event
+    out: list
+    result: Callable[[object, object], object]
+
+
 class ModelNode(LifecycleNode):
     """A lifecycle node serving one model through an :class:`Engine`; see the module docstring."""
 
@@ -176,7 +188,7 @@ class ModelNode(LifecycleNode):
         # Goals run concurrently, each waiting for its request; goal id -> request id for cancels.
         self._goal_group = ReentrantCallbackGroup()
         self._goal_requests: Dict[bytes, str] = {}
-        self._goal_finish: Dict[bytes, Callable[[], object]] = {}
+        self._goal_runs: Dict[bytes, Optional[GoalRun]] = {}
         self._goal_lock = threading.Lock()
         self._action_server: Optional[ActionServer] = None
         self._model_label = ""
@@ -209,54 +221,55 @@ class ModelNode(LifecycleNode):
         """Create topics/actions (called at the end of a successful configure)."""
 
     def create_generation_action(self, action_type, name: str,
-                                 start: Callable[[object], Callable[[], object]]) -> None:
+                                 start: Callable[[object], GoalRun]) -> None:
         """The node's streaming action server: every goal accepted, cancel mapped to the engine,
         feedback and services on the deep QoS profiles (rclpy's depth-10 defaults drop chunks and
         goals under load).
 
         ``start(goal_handle)`` submits the goal's request to the engine without blocking and
-        returns ``finish()``, which waits for the final chunk, ends the goal and returns its result.
-        ``start`` runs as soon as the goal is accepted, in the executor callback that accepted it:
-        generation does not wait for the executor to dispatch the execute callback (1-3 ms on a
-        small CPU), which only calls ``finish``."""
+        returns its :class:`GoalRun`. ``start`` runs as soon as the goal is accepted, in the
+        executor callback that accepted it: generation does not wait for the executor to dispatch
+        the execute callback (1-3 ms on a small CPU), which only waits for the final chunk, ends
+        the goal and returns its result."""
         self._action_server = ActionServer(
             self, action_type, name, execute_callback=self._execute_goal,
             goal_callback=lambda _goal: GoalResponse.ACCEPT,
-            handle_accepted_callback=lambda goal_handle: self._accept_goal(
-                goal_handle, start, action_type),
+            handle_accepted_callback=lambda goal_handle: self._accept_goal(goal_handle, start),
             cancel_callback=self._on_cancel_goal, callback_group=self._goal_group,
             feedback_pub_qos_profile=qos.ACTION_FEEDBACK,
             goal_service_qos_profile=qos.ACTION_SERVICES,
             result_service_qos_profile=qos.ACTION_SERVICES,
             cancel_service_qos_profile=qos.ACTION_SERVICES)
 
-    def _accept_goal(self, goal_handle, start: Callable, action_type) -> None:
+    def _accept_goal(self, goal_handle, start: Callable[[object], GoalRun]) -> None:
         try:
-            finish = start(goal_handle)
+            run: Optional[GoalRun] = start(goal_handle)
         except Exception as exc:  # noqa: BLE001 - a goal must end even when starting it fails
             self.get_logger().error(f"goal {bytes(goal_handle.goal_id.uuid).hex()} could not "
                                     f"start: {type(exc).__name__}: {exc}")
-
-            def finish():
-                goal_handle.abort()
-                return action_type.Result()
+            run = None
         with self._goal_lock:
-            self._goal_finish[bytes(goal_handle.goal_id.uuid)] = finish
+            self._goal_runs[bytes(goal_handle.goal_id.uuid)] = run
         goal_handle.execute()   # EXECUTING; schedules _execute_goal
 
     def _execute_goal(self, goal_handle):
+        key = bytes(goal_handle.goal_id.uuid)
         with self._goal_lock:
-            finish = self._goal_finish.pop(bytes(goal_handle.goal_id.uuid))
-        return finish()
+            run = self._goal_runs.pop(key)
+        if run is None:   # start failed (logged)
+            goal_handle.abort()
+            return self._action_server.action_type.Result()
+        run.done.wait()
+        with self._goal_lock:
+            self._goal_requests.pop(key, None)
+        chunk, value = run.out[0]
+        finish_goal(goal_handle, chunk.finish_reason)
+        return run.result(chunk, value)
 
     def track_goal(self, goal_handle, request_id: str) -> None:
         """Remember which request a goal runs, so a goal cancel reaches the engine."""
         with self._goal_lock:
             self._goal_requests[bytes(goal_handle.goal_id.uuid)] = request_id
-
-    def untrack_goal(self, goal_handle) -> None:
-        with self._goal_lock:
-            self._goal_requests.pop(bytes(goal_handle.goal_id.uuid), None)
 
     def _on_cancel_goal(self, goal_handle) -> CancelResponse:
         with self._goal_lock:
