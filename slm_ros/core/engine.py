@@ -73,7 +73,7 @@ class EngineCounters:
 class _Job:
     """A request inside the engine, with its stream position and cancel flag."""
 
-    def __init__(self, request: Request, sink: Sink, logger) -> None:
+    def __init__(self, request: Request, sink: Sink, logger, interval_s: float = 0.0) -> None:
         self.request = request
         self.sink = sink
         self.params: Optional[SamplingParams] = None
@@ -83,6 +83,7 @@ class _Job:
         self._seq = 0
         self._final_sent = False
         self._logger = logger
+        self._interval_s = interval_s   # the engine's stream_interval_ms, in seconds
         # Text and token ids generated but not yet sent (see stream()).
         self._held_text: List[str] = []
         self._held_ids: List[int] = []
@@ -103,16 +104,17 @@ class _Job:
             self._logger.error(f"request {self.request.request_id}: delivering chunk {chunk.seq} "
                                f"failed: {type(exc).__name__}: {exc}")
 
-    def stream(self, text: str, token_ids=(), interval_s: float = 0.0) -> None:
-        """A piece of the answer: sent now when it is the first chunk or ``interval_s`` has passed
-        since the last one, else held and sent with the next chunk (the final one included)."""
+    def stream(self, text: str, token_ids=()) -> None:
+        """A piece of the answer: sent now when it is the first chunk or the stream interval has
+        passed since the last one, else held and sent with the next chunk (the final one
+        included)."""
         self._held_ids.extend(token_ids)
         if text:
             self._held_text.append(text)
         if not self._held_text:
             return   # token ids without text yet (a split character) ride with the next text
         now = time.monotonic()
-        if self._seq and now - self._t_sent < interval_s:
+        if self._seq and now - self._t_sent < self._interval_s:
             return
         self._t_sent = now
         text, ids = "".join(self._held_text), self._held_ids
@@ -209,7 +211,7 @@ class Engine:
         """
         if not request.request_id:
             request = dataclasses.replace(request, request_id=uuid.uuid4().hex)
-        job = _Job(request, sink, self._log)
+        job = _Job(request, sink, self._log, self._interval_s)
         error = self._validate(job)
         if not error:
             with self._lock:
@@ -321,7 +323,6 @@ class Engine:
         detok = IncrementalDetokenizer(backend.decode)
         stops = StopStringFilter(params.stop)
         eos = backend.eos_token_ids
-        interval = self._interval_s
         pieces: List[str] = []
         n = 0
         t_first = t_last = 0.0
@@ -333,13 +334,13 @@ class Engine:
                 t_first = t_last
             n += 1
             if token in eos:
-                job.stream("", (token,), interval)   # no text: held for the final chunk
+                job.stream("", (token,))   # no text: held for the final chunk
                 finish = FinishReason.STOP
                 break
             text = stops.feed(detok.push(token))
             if text:
                 pieces.append(text)
-            job.stream(text, (token,), interval)
+            job.stream(text, (token,))
             if stops.stopped:
                 finish = FinishReason.STOP
                 break
@@ -392,7 +393,7 @@ class Engine:
                 text = stops.feed(delta)
                 if text:
                     pieces.append(text)
-                    job.stream(text, (), self._interval_s)
+                    job.stream(text)
                 if stops.stopped:
                     stream.close()
                     break
