@@ -437,6 +437,10 @@ class TopicClient(_Client):
         return chunks.result(t_send, chunks.final.stats)
 
 
+#: The client classes by how they send requests (``--via``).
+CLIENTS = {cls.via: cls for cls in (GenerateClient, TopicClient)}
+
+
 def fill_request(request, prompt: str, max_new_tokens: int) -> None:
     """A GenerateRequest for one greedy, history-free benchmark run."""
     request.prompt = prompt
@@ -459,7 +463,7 @@ def ros_node(max_new_tokens: int, wait_s: float, cmd: Optional[List[str]] = None
     proc = subprocess.Popen(cmd, stdout=sys.stderr, stderr=sys.stderr)
     client = None
     try:
-        client = (TopicClient if via == "topic" else GenerateClient)(namespace)
+        client = CLIENTS[via](namespace)
         t0 = time.monotonic()
         client.wait_for_server(lambda: proc.poll() is None, wait_s)
         log(f"ros: node reachable ({via}) after {time.monotonic() - t0:.1f} s")
@@ -599,7 +603,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                              f"embedded GGUF directly)")
     parser.add_argument("--threads", type=int, default=0,
                         help="backend compute threads on both paths (0 = backend default)")
-    parser.add_argument("--via", choices=("action", "topic"), default="action",
+    parser.add_argument("--via", choices=tuple(CLIENTS), default="action",
                         help="how the client sends requests: Generate goals (feedback chunks) or "
                              "GenerateRequest on `request` (chunks on `tokens`); default action")
     parser.add_argument("--node-param", action="append", default=[], metavar="NAME:=VALUE",

@@ -140,20 +140,15 @@ def probe(backend: str, device: str, max_new: int, repeats: int, model: str = ""
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def requantized(quantization: str, out_dir: Path) -> str:
-    """The embedded GGUF requantized by the engine builder's llama.cpp step (cached in
-    ``out_dir``); returns the file's path."""
-    import threading
-    from slm_ros.build.llama_cpp_step import LlamaCppStep
+def requantized(quantization: str, cache_dir: Path) -> str:
+    """The embedded GGUF requantized by the engine builder (its cache under ``cache_dir``: built
+    once, reused while the source and versions match); returns the artifact's path."""
+    from slm_ros.build.builder import Builder
     from slm_ros.build.spec import BuildSpec
     from slm_ros.models import resolve_model
-    source = Path(resolve_model("default", prefer_gguf=True).path)
-    target = out_dir / f"{source.stem}-{quantization}.gguf"
-    if not target.is_file():
-        spec = BuildSpec(model=str(source), backend="llama_cpp", quantization=quantization)
-        facts = LlamaCppStep().build(spec, out_dir, lambda *_: None, threading.Event())
-        target = out_dir / facts["file"]
-    return str(target)
+    source = resolve_model("default", prefer_gguf=True).path
+    spec = BuildSpec(model=str(source), backend="llama_cpp", quantization=quantization)
+    return str(Builder(cache_root=cache_dir).build(spec).path)
 
 
 def with_ceiling(result: Dict, bandwidth_gbs: float) -> Dict:
@@ -272,7 +267,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         report["llama_cpp_quantizations"] = []
         for quantization in QUANTIZATION_SWEEP:
             try:
-                path = requantized(quantization, args.out_dir / "gguf")
+                path = requantized(quantization, args.out_dir / "engines")
             except Exception as exc:  # noqa: BLE001 - report and go on with the suite
                 result = {"backend": "llama_cpp", "error": f"{type(exc).__name__}: {exc}"}
             else:
