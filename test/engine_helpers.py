@@ -1,6 +1,20 @@
 """Helpers for tests that drive the core Engine directly (no ROS)."""
 
+import contextlib
 import threading
+
+from slm_ros.core.engine import Engine
+
+
+@contextlib.contextmanager
+def running_engine(backend, config):
+    """An Engine on ``backend`` with ``config``, started, and stopped on exit."""
+    engine = Engine(backend, config)
+    engine.start()
+    try:
+        yield engine
+    finally:
+        engine.stop()
 
 
 class Collector:

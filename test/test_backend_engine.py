@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from engine_helpers import Collector
+from engine_helpers import Collector, running_engine
 from slm_ros.backends.base import BackendConfig
 from slm_ros.backends.registry import create_backend
 from slm_ros.core.engine import Engine, EngineConfig
@@ -28,10 +28,8 @@ def backend(tiny_model_dir):
 
 @pytest.fixture
 def engine(backend):
-    e = Engine(backend, EngineConfig(max_queue=4, defaults=GREEDY))
-    e.start()
-    yield e
-    e.stop()
+    with running_engine(backend, EngineConfig(max_queue=4, defaults=GREEDY)) as e:
+        yield e
 
 
 def test_streamed_equals_non_streamed_greedy(backend, tiny_model_dir):
@@ -64,14 +62,11 @@ def test_stream_interval_coalesces_chunks_without_losing_text(backend):
     request = Request("Describe the room.", sampling=SamplingOverrides(max_new_tokens=60))
     answers = {}
     for interval_ms in (0, 10_000):
-        e = Engine(backend, EngineConfig(defaults=GREEDY, stream_interval_ms=interval_ms))
-        e.start()
-        try:
+        with running_engine(backend, EngineConfig(defaults=GREEDY,
+                                                  stream_interval_ms=interval_ms)) as e:
             sink = Collector()
             rid = e.submit(request, sink)
             final = sink.final(rid)
-        finally:
-            e.stop()
         chunks = sink.chunks[rid]
         ids = [t for c in chunks for t in c.token_ids]
         assert [c.seq for c in chunks] == list(range(len(chunks)))
@@ -137,9 +132,7 @@ def test_engine_queue_full_and_duplicate_id(engine):
 
 
 def test_engine_bad_requests_get_error_chunks_and_engine_keeps_serving(backend):
-    e = Engine(backend, EngineConfig(defaults=GREEDY, max_context_tokens=64))
-    e.start()
-    try:
+    with running_engine(backend, EngineConfig(defaults=GREEDY, max_context_tokens=64)) as e:
         sink = Collector()
         empty = e.submit(Request("   "), sink)
         assert "empty prompt" in sink.final(empty).error
@@ -147,8 +140,6 @@ def test_engine_bad_requests_get_error_chunks_and_engine_keeps_serving(backend):
         assert "prompt is too long" in sink.final(too_long).error
         ok = e.submit(Request("hi", sampling=SamplingOverrides(max_new_tokens=5)), sink)
         assert sink.final(ok).finish_reason in (FinishReason.LENGTH, FinishReason.STOP)
-    finally:
-        e.stop()
 
 
 def test_engine_stop_answers_every_pending_request(backend):

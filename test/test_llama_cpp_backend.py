@@ -11,12 +11,12 @@ import pytest
 llama_cpp = pytest.importorskip(
     "llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python==0.3.36)")
 
-from engine_helpers import Collector  # noqa: E402
+from engine_helpers import Collector, running_engine  # noqa: E402
 from slm_ros.backends.base import BackendConfig  # noqa: E402
 from slm_ros.backends.registry import available_backends, choose_backend, create_backend  # noqa: E402
 from slm_ros.build.builder import Builder  # noqa: E402
 from slm_ros.build.spec import BuildCancelled, BuildError, BuildSpec  # noqa: E402
-from slm_ros.core.engine import Engine, EngineConfig  # noqa: E402
+from slm_ros.core.engine import EngineConfig  # noqa: E402
 from slm_ros.core.errors import ConfigError, ModelLoadError, RequestError  # noqa: E402
 from slm_ros.core.streaming import IncrementalDetokenizer  # noqa: E402
 from slm_ros.core.types import FinishReason, Request, SamplingOverrides, SamplingParams  # noqa: E402
@@ -42,10 +42,8 @@ def backend(gguf):
 
 @pytest.fixture
 def engine(backend):
-    e = Engine(backend, EngineConfig(max_queue=4, defaults=GREEDY))
-    e.start()
-    yield e
-    e.stop()
+    with running_engine(backend, EngineConfig(max_queue=4, defaults=GREEDY)) as e:
+        yield e
 
 
 # ------------------------------------------------------------------------------- the backend alone

@@ -16,10 +16,11 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from slm_ros.backends.base import BackendConfig, Prompt
 from slm_ros.backends.transformers_backend import TransformersBackend
 from slm_ros.backends.transformers_vlm_backend import TransformersVlmBackend, VlmBackendConfig
-from slm_ros.core.engine import Engine, EngineConfig
+from slm_ros.core.engine import EngineConfig
 from slm_ros.core.errors import ConfigError, ModelLoadError, RequestError
 from slm_ros.core.types import FinishReason, Request, SamplingParams
 from slm_ros.core.vision import RawImage
+from engine_helpers import running_engine
 from vlm_fixtures import build_tiny_idefics3, build_tiny_llava, build_tiny_text_model
 
 GREEDY = SamplingParams(max_new_tokens=24, temperature=0.0, repetition_penalty=1.0)
@@ -171,8 +172,6 @@ def test_engine_answers_about_a_lazily_decoded_frame(family):
         decoded.append(True)
         return frame.decode()
 
-    engine = Engine(backend, EngineConfig(defaults=GREEDY))
-    engine.start()
     done = threading.Event()
     chunks = []
 
@@ -181,11 +180,9 @@ def test_engine_answers_about_a_lazily_decoded_frame(family):
         if chunk.is_final:
             done.set()
 
-    try:
+    with running_engine(backend, EngineConfig(defaults=GREEDY)) as engine:
         engine.submit(Request("What is in the image?", image=image), sink)
         assert done.wait(30)
-    finally:
-        engine.stop()
     final = chunks[-1]
     assert final.finish_reason in (FinishReason.STOP, FinishReason.LENGTH), final.error
     assert decoded == [True]
