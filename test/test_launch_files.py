@@ -505,7 +505,11 @@ def test_slm_ros_up_runs_builder_llm_and_vision_from_the_yaml_files(tiny_model_d
                 return False
             llm = values_of(statuses[f"{namespace}/llm: text generation"])
             vision = values_of(statuses[f"{namespace}/vision: vision answers"])
-            return llm["requests_served"] == "1" and vision["lifecycle_state"] == "active"
+            # Each node publishes its status once a second: the builder's last one may still
+            # predate its READY when the others already report the served request.
+            builder = values_of(statuses[f"{namespace}/engine_builder: engine build"])
+            return llm["requests_served"] == "1" and vision["lifecycle_state"] == "active" \
+                and builder["state"] == "READY"
 
         with cv:
             assert cv.wait_for(ready, timeout=30), {k: v.message for k, v in statuses.items()}
