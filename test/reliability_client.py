@@ -45,7 +45,13 @@ class Client:
         self.cv = threading.Condition()
         self.node.create_subscription(TokenChunk, "tokens", self._on_chunk, qos.TOKEN_STREAM)
         self.request_pub = self.node.create_publisher(GenerateRequest, "request", qos.COMMANDS)
+        # The node's deep service QoS on the client side too: with rclpy's depth-10 default, a
+        # burst of more than 10 goal or result responses (refused goals all end within
+        # milliseconds) can drop the oldest before this client takes them.
         self.action = ActionClient(self.node, Generate, "generate",
+                                   goal_service_qos_profile=qos.ACTION_SERVICES,
+                                   result_service_qos_profile=qos.ACTION_SERVICES,
+                                   cancel_service_qos_profile=qos.ACTION_SERVICES,
                                    feedback_sub_qos_profile=qos.ACTION_FEEDBACK)
         self.executor = MultiThreadedExecutor(num_threads=4)
         self.executor.add_node(self.node)
