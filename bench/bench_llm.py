@@ -28,6 +28,13 @@ runs. The report also gives the transport-only overhead, client-side minus node-
 the same ROS runs (``client_minus_node_ttft_ms``, ``client_vs_node_tokens_per_second_ratio``), which
 no drift affects.
 
+CPU accounting: each run records the CPU time per token while decoding (first to last token) -
+raw: this process; ros: every thread of the node process (``/proc/<pid>/task/*/schedstat``, read
+when the first and the final chunk arrive) and, separately, this client process.
+``ros_cpu_overhead_ms_per_token = node + client - raw`` is the CPU the ROS path adds per token. Where the
+backend's compute threads already take every core, that CPU comes out of decoding, so it bounds how
+close the ratio can get to 1 on this machine, whatever the drift.
+
 Run (takes a few minutes on a 2-core CPU; ``--quick`` for a smoke run)::
 
     .venv/bin/python bench/bench_llm.py [--max-new-tokens 48] [--repeats 3] [--out FILE] [--quick]
@@ -103,6 +110,11 @@ class RunResult:
     completion_tokens: int
     token_ids: List[int]
     node_stats: Optional[Dict[str, float]] = None
+    #: CPU time per token while decoding (first to last token): raw = this process; ros = the
+    #: node process (every thread). 0.0 when fewer than two tokens came.
+    cpu_ms_per_token: float = 0.0
+    #: ros only: CPU time per token of this (the client's) process over the same span.
+    client_cpu_ms_per_token: float = 0.0
 
 
 def decode_rate(tokens_after_first: int, t_first: float, t_last: float) -> float:
@@ -111,12 +123,19 @@ def decode_rate(tokens_after_first: int, t_first: float, t_last: float) -> float
     return tokens_after_first / span if tokens_after_first > 0 and span > 0 else 0.0
 
 
+def ms_per_token(seconds: float, tokens: int) -> float:
+    """``seconds`` (of CPU time) spent on ``tokens`` tokens, in milliseconds per token; 0.0 for
+    no tokens."""
+    return seconds * 1e3 / tokens if tokens > 0 else 0.0
+
+
 def summarise_runs(runs: Sequence[RunResult]) -> Dict[str, object]:
     """Medians (and raw samples) of a list of runs of one prompt on one path."""
     out: Dict[str, object] = {
         "ttft_ms": round(median([r.ttft_ms for r in runs]), 2),
         "tokens_per_second": round(median([r.tokens_per_second for r in runs]), 3),
         "completion_tokens": int(median([r.completion_tokens for r in runs])),
+        "cpu_ms_per_token": round(median([r.cpu_ms_per_token for r in runs]), 3),
         "samples_ttft_ms": [round(r.ttft_ms, 2) for r in runs],
         "samples_tokens_per_second": [round(r.tokens_per_second, 3) for r in runs],
     }
@@ -126,7 +145,21 @@ def summarise_runs(runs: Sequence[RunResult]) -> Dict[str, object]:
         out["node_tokens_per_second"] = round(median([s["tokens_per_second"] for s in node]), 3)
         out["node_queue_ms"] = round(median([s["queue_ms"] for s in node]), 2)
         out["prompt_tokens"] = int(node[0]["prompt_tokens"])
+        out["client_cpu_ms_per_token"] = round(median([r.client_cpu_ms_per_token for r in runs]), 3)
     return out
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds used so far by every thread of process ``pid`` (nanosecond resolution from
+    ``/proc/<pid>/task/*/schedstat``, unlike the 10 ms ticks of ``/proc/<pid>/stat``); 0.0 where
+    /proc does not have it."""
+    total = 0
+    with contextlib.suppress(OSError):
+        for task in os.scandir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                with open(f"{task.path}/schedstat", encoding="ascii") as f:
+                    total += int(f.read().split()[0])
+    return total / 1e9
 
 
 # -- environment -----------------------------------------------------------------------------------
@@ -215,16 +248,17 @@ class RawBench:
 def raw_once(backend, prompt_ids: List[int], params, t0: Optional[float] = None) -> RunResult:
     """One timed generation straight from the backend; TTFT counts from ``t0`` (default: now)."""
     tokens: List[int] = []
-    t_first = t_last = 0.0
+    t_first = t_last = cpu_first = cpu_last = 0.0
     t0 = time.monotonic() if t0 is None else t0
     for token in backend.generate(prompt_ids, params, threading.Event()):
-        t_last = time.monotonic()
+        t_last, cpu_last = time.monotonic(), time.process_time()
         if not tokens:
-            t_first = t_last
+            t_first, cpu_first = t_last, cpu_last
         tokens.append(token)
     return RunResult(ttft_ms=(t_first - t0) * 1e3 if tokens else 0.0,
                      tokens_per_second=decode_rate(len(tokens) - 1, t_first, t_last),
-                     completion_tokens=len(tokens), token_ids=tokens)
+                     completion_tokens=len(tokens), token_ids=tokens,
+                     cpu_ms_per_token=ms_per_token(cpu_last - cpu_first, len(tokens) - 1))
 
 
 # -- through ROS -----------------------------------------------------------------------------------
@@ -254,14 +288,21 @@ def stop_process(proc: subprocess.Popen, timeout_s: float = 15.0) -> None:
 
 
 class ChunkRecorder:
-    """Client-side timings of one request's TokenChunks, in arrival order."""
+    """Client-side timings of one request's TokenChunks, in arrival order, and the CPU time the
+    node process (``node_pid``) and this process used between the first and the final chunk."""
 
-    def __init__(self) -> None:
+    def __init__(self, node_pid: int = 0) -> None:
         self.arrivals: List[float] = []   # client time of each chunk carrying tokens
         self.counts: List[int] = []       # tokens (or text deltas) per such chunk
         self.token_ids: List[int] = []
         self.first_text = 0.0
         self.final = None                 # the final TokenChunk once it arrived
+        self._node_pid = node_pid
+        self._cpu_first: Optional[tuple] = None   # (node, client) CPU seconds at the first chunk
+        self._cpu_end: Optional[tuple] = None     # ... at the final chunk
+
+    def _cpu_now(self) -> tuple:
+        return process_cpu_s(self._node_pid), time.process_time()
 
     def add(self, chunk) -> None:
         now = time.monotonic()
@@ -270,11 +311,14 @@ class ChunkRecorder:
         # A remote (openai) backend's chunks carry text but no token ids: one delta each.
         n = len(chunk.token_ids) or (1 if chunk.text and not chunk.is_final else 0)
         if n:
+            if not self.arrivals:
+                self._cpu_first = self._cpu_now()
             self.arrivals.append(now)
             self.counts.append(n)
             self.token_ids.extend(int(t) for t in chunk.token_ids)
         if chunk.is_final:
             self.final = chunk
+            self._cpu_end = self._cpu_now()
 
     def result(self, t_send: float, stats) -> RunResult:
         """The run's timings; ``stats`` is the node's GenerationStats of the request."""
@@ -286,8 +330,14 @@ class ChunkRecorder:
         ttft = (self.first_text - t_send) * 1e3 if self.first_text else 0.0
         tps = decode_rate(sum(self.counts[1:]), self.arrivals[0], self.arrivals[-1]) \
             if self.arrivals else 0.0
-        return RunResult(ttft_ms=ttft, tokens_per_second=tps, completion_tokens=sum(self.counts),
-                         token_ids=self.token_ids, node_stats=node_stats)
+        run = RunResult(ttft_ms=ttft, tokens_per_second=tps, completion_tokens=sum(self.counts),
+                        token_ids=self.token_ids, node_stats=node_stats)
+        if self._cpu_first is not None and self._node_pid:
+            end = self._cpu_end or self._cpu_now()   # the final feedback chunk can be lost
+            run.cpu_ms_per_token = ms_per_token(end[0] - self._cpu_first[0], sum(self.counts[1:]))
+            run.client_cpu_ms_per_token = ms_per_token(end[1] - self._cpu_first[1],
+                                                       sum(self.counts[1:]))
+        return run
 
 
 class _Client:
@@ -295,15 +345,17 @@ class _Client:
     keeps one spinning: building one per wait would delay the first callback, and the measured
     TTFT, by its setup)."""
 
-    def __init__(self, namespace: str) -> None:
+    def __init__(self, namespace: str, node_pid: int = 0) -> None:
         import rclpy
         from rclpy.executors import SingleThreadedExecutor
 
         self._rclpy = rclpy
         self.namespace = namespace
+        self.node_pid = node_pid
         self._context = rclpy.Context()
         rclpy.init(context=self._context)
-        self.node = rclpy.create_node("slm_bench_client", namespace=namespace, context=self._context)
+        self.node = rclpy.create_node("slm_bench_client", namespace=namespace, context=self._context,
+                                      start_parameter_services=False, enable_rosout=False)
         self._create()
         self._executor = SingleThreadedExecutor(context=self._context)
         self._executor.add_node(self.node)
@@ -368,7 +420,7 @@ class GenerateClient(_Client):
         """Send one greedy goal, wait for its result (and final feedback chunk), return timings."""
         goal = self._goal_type()
         fill_request(goal.request, prompt, max_new_tokens)
-        chunks = ChunkRecorder()
+        chunks = ChunkRecorder(self.node_pid)
         t_send = time.monotonic()
         send = self._client.send_goal_async(
             goal, feedback_callback=lambda feedback: chunks.add(feedback.feedback.chunk))
@@ -425,7 +477,7 @@ class TopicClient(_Client):
         msg = self._request_type()
         fill_request(msg, prompt, max_new_tokens)
         msg.request_id = f"bench-{uuid.uuid4().hex}"
-        chunks = self._chunks[msg.request_id] = ChunkRecorder()
+        chunks = self._chunks[msg.request_id] = ChunkRecorder(self.node_pid)
         try:
             t_send = time.monotonic()
             self._pub.publish(msg)
@@ -463,7 +515,7 @@ def ros_node(max_new_tokens: int, wait_s: float, cmd: Optional[List[str]] = None
     proc = subprocess.Popen(cmd, stdout=sys.stderr, stderr=sys.stderr)
     client = None
     try:
-        client = CLIENTS[via](namespace)
+        client = CLIENTS[via](namespace, proc.pid)
         t0 = time.monotonic()
         client.wait_for_server(lambda: proc.poll() is None, wait_s)
         log(f"ros: node reachable ({via}) after {time.monotonic() - t0:.1f} s")
@@ -546,6 +598,9 @@ def build_report(args, prompts: Sequence[str], bench: Dict) -> Dict[str, object]
                 [x.tokens_per_second / x.node_stats["tokens_per_second"]
                  for x in ros_runs if x.node_stats["tokens_per_second"]]), 4),
             "same_tokens": all(x.token_ids == raw_runs[0].token_ids for x in raw_runs + ros_runs),
+            # CPU the ROS path spends per token beyond the backend's own (node + client - raw).
+            "ros_cpu_overhead_ms_per_token": round(
+                o["cpu_ms_per_token"] + o["client_cpu_ms_per_token"] - r["cpu_ms_per_token"], 3),
         })
     tps_ratio = median([row["tokens_per_second_ratio"] for row in rows])
     ttft_overhead = median([row["ttft_overhead_ms"] for row in rows])
@@ -574,6 +629,12 @@ def build_report(args, prompts: Sequence[str], bench: Dict) -> Dict[str, object]
             "client_vs_node_tokens_per_second_ratio": round(
                 median([r["client_vs_node_tokens_per_second_ratio"] for r in rows]), 4),
             "all_same_tokens": all(r["same_tokens"] for r in rows),
+            "raw_cpu_ms_per_token": round(median([r["raw"]["cpu_ms_per_token"] for r in rows]), 3),
+            "node_cpu_ms_per_token": round(median([r["ros"]["cpu_ms_per_token"] for r in rows]), 3),
+            "client_cpu_ms_per_token": round(
+                median([r["ros"]["client_cpu_ms_per_token"] for r in rows]), 3),
+            "ros_cpu_overhead_ms_per_token": round(
+                median([r["ros_cpu_overhead_ms_per_token"] for r in rows]), 3),
             "goal_tps_ratio": GOAL_TPS_RATIO,
             "goal_ttft_overhead_ms": GOAL_TTFT_OVERHEAD_MS,
             "goal_tps_ratio_met": tps_ratio >= GOAL_TPS_RATIO,

@@ -27,8 +27,7 @@ from slm_ros.core.errors import SlmError
 from slm_ros.core.types import Chunk, FinishReason
 from slm_ros.msg import GenerateRequest, TokenChunk
 from slm_ros.ros import qos
-from slm_ros.ros.conversions import (chunk_to_msg, request_from_msg, request_from_prompt,
-                                     stats_to_msg)
+from slm_ros.ros.conversions import request_from_msg, request_from_prompt, stats_to_msg
 from slm_ros.ros.model_node import GoalRun, ModelNode, model_parameters, run
 
 PARAMETERS = model_parameters(
@@ -73,10 +72,7 @@ class LlmNode(ModelNode):
         texts = []
 
         def sink(chunk: Chunk) -> None:
-            msg = chunk_to_msg(chunk, self.get_clock().now().to_msg())
-            if goal_handle is not None:   # first: the waiting client is the latency-critical one
-                goal_handle.publish_feedback(Generate.Feedback(chunk=msg))
-            self._tokens_pub.publish(msg)
+            self.publish_chunk(chunk, self._tokens_pub, goal_handle, Generate.Feedback)
             texts.append(chunk.text)
             if chunk.is_final:
                 text = "".join(texts)

@@ -40,7 +40,7 @@ from slm_ros.core.vision import (FIT_POLICIES, EncodedImage, FrameSlot, RawImage
                                  check_frame, fit_image)
 from slm_ros.msg import TokenChunk, VisionAnswer
 from slm_ros.ros import qos
-from slm_ros.ros.conversions import chunk_to_msg, sampling_from_msg, stats_to_msg
+from slm_ros.ros.conversions import sampling_from_msg, stats_to_msg
 from slm_ros.ros.model_node import GoalRun, ModelNode, model_parameters, run
 from slm_ros.ros.params import ParamSpec
 
@@ -230,10 +230,7 @@ class VisionNode(ModelNode):
         texts = []
 
         def sink(chunk: Chunk) -> None:
-            msg = chunk_to_msg(chunk, self.get_clock().now().to_msg())
-            if goal_handle is not None:   # first: the waiting client is the latency-critical one
-                goal_handle.publish_feedback(AskImage.Feedback(chunk=msg))
-            self._tokens_pub.publish(msg)
+            self.publish_chunk(chunk, self._tokens_pub, goal_handle, AskImage.Feedback)
             texts.append(chunk.text)
             if chunk.is_final:
                 answer = self._answer(chunk, question, "".join(texts), record)
