@@ -66,9 +66,12 @@ def test_card_is_consistent_with_its_architecture(card):
         assert builder["model"] == limits["model"]
     else:
         assert not builder, "vision models are not built by the engine builder"
-    for dep in card.boards.values():
+    for board, dep in card.boards.items():
         if dep.fits:
-            assert dep.backend in ("transformers", "tensorrt_llm")
+            assert dep.backend in ("transformers", "tensorrt_llm", "llama_cpp")
+            if dep.backend == "llama_cpp":   # GGUF models on a board without a discrete GPU
+                assert card.modality == "text" and limits["model"] == "default"
+                assert not next(p for p in PROFILES if p.name == board).discrete_gpu
             if card.modality == "vision":
                 assert (dep.backend, dep.quantization) == ("transformers", "none")
 

@@ -146,6 +146,43 @@ def test_gguf_header_gives_the_same_architecture_as_the_converted_checkpoint(def
     assert from_gguf.parameters == 134_515_008  # what transformers counts after conversion
 
 
+def test_gguf_plan_of_the_embedded_file_matches_its_size():
+    """llama_cpp plans in GGUF weight types: ``none`` is the file's own (Q4_1 here), read from its
+    header; the weights estimate is within a few percent of the file for block types."""
+    from slm_ros.build.builder import gguf_config
+    from slm_ros.models import embedded_gguf
+    path = embedded_gguf()
+    cfg = gguf_config(path)
+    assert cfg["_gguf_file_type"] == "q4_1"
+    cpu = PRESETS["orin-nano-8gb"]
+    plan = plan_memory(cfg, cpu, backend="llama_cpp", max_seq_len=4096)
+    assert plan.quantization == "q4_1" and plan.fits
+    assert plan.weights_bytes == pytest.approx(path.stat().st_size, rel=0.05)
+    # 30 layers x 3 KV heads x 64 x 2 (K and V) x 2 bytes (f16) per token
+    assert plan.kv_cache_bytes == 4096 * 30 * 3 * 64 * 2 * 2
+    sizes = {q: plan_memory(cfg, cpu, backend="llama_cpp", quantization=q).weights_bytes
+             for q in ("q4_0", "q4_1", "q8_0", "f16")}
+    assert sizes["q4_0"] < sizes["q4_1"] < sizes["q8_0"] < sizes["f16"]
+    assert sizes["f16"] == pytest.approx(2 * 134_515_008, rel=0.01)
+    # A requantization holds the source file and the new one at once.
+    assert plan_memory(cfg, cpu, backend="llama_cpp", quantization="q8_0").build_peak_bytes > \
+        sizes["q8_0"] + plan.weights_bytes
+    with pytest.raises(BuildError, match="unknown GGUF quantization 'w4a16'"):
+        plan_memory(cfg, cpu, backend="llama_cpp", quantization="w4a16")
+
+
+def test_gguf_file_types_are_llama_cpps():
+    """The planner's GGUF tables (ROS-free, no llama_cpp import) agree with llama.cpp's enum and
+    cover every quantization the llama_cpp build step offers."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from slm_ros.build.llama_cpp_step import QUANTIZATIONS
+    from slm_ros.build.planner import GGUF_BITS, GGUF_FILE_TYPES
+    for value, name in GGUF_FILE_TYPES.items():
+        const = "LLAMA_FTYPE_ALL_F32" if name == "f32" else f"LLAMA_FTYPE_MOSTLY_{name.upper()}"
+        assert getattr(llama_cpp, const) == value, name
+    assert set(QUANTIZATIONS) - {"none"} <= set(GGUF_BITS) == set(GGUF_FILE_TYPES.values())
+
+
 def dataclasses_fields(arch):
     return (arch.hidden_size, arch.num_layers, arch.num_heads, arch.num_kv_heads, arch.head_dim,
             arch.intermediate_size, arch.vocab_size, arch.tie_word_embeddings)

@@ -35,7 +35,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 from slm_ros.build import cache as cache_mod
 from slm_ros.build.cache import CacheLease, EngineCache
 from slm_ros.build.device import DeviceProfile, detect_profile
-from slm_ros.build.planner import MemoryPlan, plan_memory
+from slm_ros.build.planner import GGUF_FILE_TYPES, MemoryPlan, plan_memory
 from slm_ros.build.spec import BuildCancelled, BuildError, BuildSpec, BuildStep, ProgressFn
 from slm_ros.build.steps import get_step
 from slm_ros.core.errors import SlmError
@@ -235,6 +235,7 @@ def gguf_config(path: Path) -> Dict[str, Any]:
         "max_position_embeddings": arch_field("context_length"),
         "tie_word_embeddings": "output.weight" not in tensors,
         "_gguf_name": meta.get("general.name", ""),
+        "_gguf_file_type": GGUF_FILE_TYPES.get(meta.get("general.file_type")),
     }
     return {k: v for k, v in config.items() if v is not None}
 

@@ -24,6 +24,13 @@ report most). Every number is an estimate; the assumptions are listed here and i
   lazy module loading, cuBLAS/cuBLASLt and TensorRT workspaces, the Python interpreter with torch
   imported); PyTorch on a CPU: 0.5 GiB (importing torch + transformers measured 0.25 GiB RSS on
   x86-64, plus tokenizer, allocator slack and generate buffers).
+* **llama_cpp (GGUF).** Its quantization names are GGUF weight types (``q4_0``, ``q8_0``, ``f16``,
+  ...; ``none`` = the file's own type, read from ``general.file_type``, else planned as f16). Every
+  weight takes the type's bits per weight, block scales included (:data:`GGUF_BITS`; k-quant mixes
+  at their typical average), except the token embedding (and an untied output matrix), which
+  llama.cpp's quantizer keeps at 8.5 bits or more. KV cache f16 (llama.cpp's default); activations
+  for one 512-token batch (its default ``n_batch``) at float32; 0.5 GiB runtime. Requantizing peaks at
+  the source file + the new file + 0.5 GiB.
 * **Reserve.** What the device profile keeps for the OS and ROS (see :mod:`slm_ros.build.device`):
   on Jetson the GPU shares memory with the CPU, so the model competes with everything else.
 * **Build peak.** TensorRT-LLM: the larger of checkpoint conversion (the Hugging Face model at its
@@ -105,6 +112,22 @@ SCHEMES: Dict[str, Scheme] = {s.name: s for s in (
     Scheme("int8_dynamic", 8, "tensor", scale_bytes=8, quantizes_lm_head=True,
            description="PyTorch CPU dynamic int8 on every nn.Linear (lm_head included)"),
 )}
+
+#: GGUF weight types (the llama_cpp backend's quantization names): bits per weight, block scales
+#: included. The k-quant mixes (``_s``/``_m``/``_l``) are averages over a model's tensors.
+GGUF_BITS: Dict[str, float] = {
+    "f32": 32.0, "f16": 16.0, "bf16": 16.0, "q8_0": 8.5, "q6_k": 6.5625, "q5_1": 6.0,
+    "q5_k_m": 5.7, "q5_k_s": 5.5, "q5_0": 5.5, "q4_1": 5.0, "q4_k_m": 4.85, "q4_k_s": 4.6,
+    "q4_0": 4.5, "q3_k_l": 4.3, "q3_k_m": 3.9, "q3_k_s": 3.5, "q2_k": 2.6,
+}
+#: ``general.file_type`` values of a GGUF (llama.cpp's ``LLAMA_FTYPE_*``) for those types.
+GGUF_FILE_TYPES: Dict[int, str] = {
+    0: "f32", 1: "f16", 2: "q4_0", 3: "q4_1", 7: "q8_0", 8: "q5_0", 9: "q5_1", 10: "q2_k",
+    11: "q3_k_s", 12: "q3_k_m", 13: "q3_k_l", 14: "q4_k_s", 15: "q4_k_m", 16: "q5_k_s",
+    17: "q5_k_m", 18: "q6_k", 32: "bf16",
+}
+#: Prompt tokens llama.cpp evaluates in one batch (llama-cpp-python's default ``n_batch``).
+GGUF_BATCH = 512
 
 _QUANT_ALIASES = {
     "": "none", "full_prec": "none", "fp16": "none", "bf16": "none", "fp32": "none", "float16": "none",
@@ -367,7 +390,8 @@ BUILDER_WORKSPACE = 1 * GiB
 CALIBRATION_WORKSPACE = 1 * GiB
 
 #: Cheaper schemes to suggest when a plan does not fit, per backend.
-_CHEAPER = {"tensorrt_llm": ("w8a16", "w4a16"), "transformers": ("int8_dynamic",)}
+_CHEAPER = {"tensorrt_llm": ("w8a16", "w4a16"), "transformers": ("int8_dynamic",),
+            "llama_cpp": ("q8_0", "q4_0")}
 
 
 def weights_bytes(arch: ModelArch, scheme: Scheme, act_bytes: int, backend: str) -> int:
@@ -397,6 +421,9 @@ def plan_memory(config: Mapping[str, Any], device: DeviceProfile, *, backend: st
     checkpoint stores (default: its config's ``torch_dtype``, else float32; ``gguf`` for GGUF files).
     """
     arch = ModelArch.from_config(config)
+    if backend == "llama_cpp":
+        return _plan_gguf(arch, config, device, quantization, max_seq_len, max_batch_size,
+                          max_input_len, name, _suggest)
     scheme = SCHEMES[normalize_quantization(quantization)]
     if on_gpu is None:
         on_gpu = backend == "tensorrt_llm"
@@ -460,6 +487,68 @@ def plan_memory(config: Mapping[str, Any], device: DeviceProfile, *, backend: st
                               max_seq_len=max_seq_len, max_batch_size=max_batch_size,
                               on_gpu=on_gpu, source_dtype=source_dtype, name=name, _suggest=False)
             if alt.fits and alt.total_bytes < plan.total_bytes:
+                options.append((cheaper, alt.total_bytes))
+        plan = dataclasses.replace(plan, alternatives=tuple(options))
+    return plan
+
+
+def gguf_type(quantization: str, config: Mapping[str, Any]) -> str:
+    """The GGUF weight type a llama_cpp quantization stands for: ``none`` = the source file's own
+    type (``_gguf_file_type`` of a config read from a GGUF), else f16; BuildError for a name that
+    is not a GGUF type."""
+    name = (quantization or "none").strip().lower().replace("-", "_")
+    if name == "none":
+        return str(config.get("_gguf_file_type") or "f16")
+    if name not in GGUF_BITS:
+        raise BuildError(f"unknown GGUF quantization {quantization!r}; known: none, "
+                         f"{', '.join(GGUF_BITS)}")
+    return name
+
+
+def _gguf_embedding_bits(kind: str) -> float:
+    return max(GGUF_BITS[kind], GGUF_BITS["q8_0"])
+
+
+def _gguf_weights(arch: ModelArch, kind: str) -> int:
+    """Bytes of a GGUF of ``arch`` at weight type ``kind`` (norms stay float32)."""
+    untied = 0 if arch.tie_word_embeddings else arch.embedding_parameters
+    return int(arch.linear_parameters * GGUF_BITS[kind] / 8 +
+               (arch.embedding_parameters + untied) * _gguf_embedding_bits(kind) / 8 +
+               arch.other_parameters * 4)
+
+
+def _plan_gguf(arch: ModelArch, config: Mapping[str, Any], device: DeviceProfile,
+               quantization: str, max_seq_len: int, max_batch_size: int, max_input_len: int,
+               name: str, suggest: bool) -> MemoryPlan:
+    """plan_memory for the llama_cpp backend (see the module docstring)."""
+    kind = gguf_type(quantization, config)
+    bits, embedding_bits = GGUF_BITS[kind], _gguf_embedding_bits(kind)
+    weights = _gguf_weights(arch, kind)
+    kv_cache = 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * max_seq_len * \
+        max_batch_size * 2
+    width = 2 * arch.hidden_size + (arch.num_heads + 2 * arch.num_kv_heads) * arch.head_dim + \
+        2 * arch.intermediate_size
+    batch = min(max_input_len, GGUF_BATCH)
+    activations = batch * width * 4 + max_batch_size * arch.vocab_size * 4
+    source = _gguf_weights(arch, gguf_type("none", config))
+    plan = MemoryPlan(
+        name=name, backend="llama_cpp", quantization=kind, dtype="float32", kv_cache_dtype="float16",
+        max_input_len=batch, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
+        parameters=arch.parameters, weights_bytes=weights, kv_cache_bytes=kv_cache,
+        activation_bytes=activations, runtime_overhead_bytes=CPU_RUNTIME_OVERHEAD, device=device,
+        build_peak_bytes=source + weights + CPU_RUNTIME_OVERHEAD,
+        assumptions=(f"GGUF {kind}: {bits:g} bits per weight, the token embedding at "
+                     f"{embedding_bits:g}" + ("" if arch.tie_word_embeddings else
+                                               " and the output matrix too"),
+                     "KV cache float16 (llama.cpp default)",
+                     f"activations of one {batch}-token batch at float32",
+                     f"runtime overhead {_gib(CPU_RUNTIME_OVERHEAD)} (CPU process)"))
+    if suggest and not plan.fits:
+        options = []
+        for cheaper in _CHEAPER["llama_cpp"]:
+            alt = _plan_gguf(arch, config, device, cheaper, max_seq_len, max_batch_size,
+                             max_input_len, name, False)
+            if cheaper != kind and alt.fits and alt.total_bytes < plan.total_bytes:
                 options.append((cheaper, alt.total_bytes))
         plan = dataclasses.replace(plan, alternatives=tuple(options))
     return plan
