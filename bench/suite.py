@@ -5,7 +5,7 @@ Measured side by side in one run, same prompts, greedy decoding, fixed max token
 
 1. **backends** - per backend on the embedded model (SmolLM2-135M-Instruct: transformers on its
    float32 copy, llama_cpp on the Q4_1 GGUF itself), each in a fresh process: load time, TTFT, decode
-   tokens/s, peak RSS; llama_cpp also on the GGUF requantized to q8_0 and f16 by the engine builder
+   tokens/s, peak RSS; llama_cpp also on the GGUF requantized to q4_0, q8_0 and f16 by the engine builder
    (``llama_cpp_quantizations``): the same model with more bytes per weight shows whether decode is
    bound by memory bandwidth or by compute.
 2. **bandwidth bound** - this machine's memory bandwidth (numpy copies of a 256 MiB buffer, best of
@@ -49,7 +49,7 @@ PROMPTS = (
 )
 
 #: Requantizations of the embedded GGUF measured besides it (llama_cpp_quantizations).
-QUANTIZATION_SWEEP = ("q8_0", "f16")
+QUANTIZATION_SWEEP = ("q4_0", "q8_0", "f16")
 
 # Runs in a fresh process per backend: load, warm up, time each prompt, report peak RSS.
 PROBE = r"""
