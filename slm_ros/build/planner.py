@@ -243,6 +243,17 @@ class ModelArch:
             shapes += [(h, self.intermediate_size), (self.intermediate_size, h)]
         return shapes
 
+    def kv_cache_bytes(self, tokens: int, element_bytes: int) -> int:
+        """Keys and values of every layer for ``tokens`` positions."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * tokens * element_bytes
+
+    @property
+    def activation_width(self) -> int:
+        """Values one token holds in a layer's context phase: residual, normed input, q/k/v, gate
+        and up projections (see the module docstring)."""
+        return 2 * self.hidden_size + (self.num_heads + 2 * self.num_kv_heads) * self.head_dim + \
+            2 * self.intermediate_size
+
     @property
     def linear_parameters(self) -> int:
         """Weights of all decoder-layer matrices (what weight quantization shrinks)."""
@@ -438,11 +449,8 @@ def plan_memory(config: Mapping[str, Any], device: DeviceProfile, *, backend: st
     kv_bytes = dtype_bytes(kv)
 
     weights = weights_bytes(arch, scheme, act_bytes, backend)
-    kv_cache = 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * max_seq_len * \
-        max_batch_size * kv_bytes
-    width = 2 * arch.hidden_size + (arch.num_heads + 2 * arch.num_kv_heads) * arch.head_dim + \
-        2 * arch.intermediate_size
-    activations = max_batch_size * max_input_len * width * act_bytes + \
+    kv_cache = arch.kv_cache_bytes(max_seq_len * max_batch_size, kv_bytes)
+    activations = max_batch_size * max_input_len * arch.activation_width * act_bytes + \
         max_batch_size * arch.vocab_size * 4
     overhead = GPU_RUNTIME_OVERHEAD if on_gpu else CPU_RUNTIME_OVERHEAD
 
@@ -524,12 +532,9 @@ def _plan_gguf(arch: ModelArch, config: Mapping[str, Any], device: DeviceProfile
     kind = gguf_type(quantization, config)
     bits, embedding_bits = GGUF_BITS[kind], _gguf_embedding_bits(kind)
     weights = _gguf_weights(arch, kind)
-    kv_cache = 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * max_seq_len * \
-        max_batch_size * 2
-    width = 2 * arch.hidden_size + (arch.num_heads + 2 * arch.num_kv_heads) * arch.head_dim + \
-        2 * arch.intermediate_size
+    kv_cache = arch.kv_cache_bytes(max_seq_len * max_batch_size, 2)
     batch = min(max_input_len, GGUF_BATCH)
-    activations = batch * width * 4 + max_batch_size * arch.vocab_size * 4
+    activations = batch * arch.activation_width * 4 + max_batch_size * arch.vocab_size * 4
     source = _gguf_weights(arch, gguf_type("none", config))
     plan = MemoryPlan(
         name=name, backend="llama_cpp", quantization=kind, dtype="float32", kv_cache_dtype="float16",
