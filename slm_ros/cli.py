@@ -341,7 +341,9 @@ def plan(args) -> int:
             name = path.parent.name if path.stem == "config" else path.stem
         else:
             from slm_ros.models import resolve_model
-            checkpoint = inspect_checkpoint(resolve_model(args.model).path)
+            # llama_cpp plans the GGUF itself (its weight type), as the builder and node load it.
+            checkpoint = inspect_checkpoint(
+                resolve_model(args.model, prefer_gguf=args.backend == "llama_cpp").path)
             config, name = checkpoint.config, Path(checkpoint.path).name
         if args.profile == "all":
             profiles = list(PRESETS.values())

@@ -38,6 +38,15 @@ def test_plan_all_profiles_as_json():
     assert len(plans) >= 4 and all(p["fits"] for p in plans)
 
 
+def test_plan_of_the_embedded_model_on_llama_cpp_reads_the_gguf():
+    """llama_cpp plans the GGUF it loads (Q4_1, from the file's header), not the converted copy."""
+    proc = run("plan", "--model", "default", "--backend", "llama_cpp", "--json")
+    assert proc.returncode == 0, proc.stderr
+    (plan,) = json.loads(proc.stdout)
+    assert (plan["quantization"], plan["kv_cache_dtype"], plan["fits"]) == ("q4_1", "float16", True)
+    assert 0.09e9 < plan["weights_bytes"] < 0.1e9   # the file is 98 MB
+
+
 def test_build_then_cache_hit(tiny_model_dir, tmp_path):
     cache = tmp_path / "engines"
     first = run("build", "--model", tiny_model_dir, "--cache-dir", str(cache), "--dtype",
