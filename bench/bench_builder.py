@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+from reporting import write_report
+
 HERE = Path(__file__).resolve().parent
 
 # Runs in the child process: one launch = (build or cache hit) + load + first token.
@@ -108,10 +110,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         report["variants"][quant] = {
             "cold_build": c, "cache_hit": h,
             "speedup_launch_excl_imports": c["launch_s_excl_imports"] / h["launch_s_excl_imports"]}
-    text = json.dumps(report, indent=2)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
-    print(text)
+    write_report(report, args.out)
     return 0
 
 

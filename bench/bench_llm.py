@@ -51,7 +51,6 @@ import argparse
 import contextlib
 import dataclasses
 import gc
-import json
 import os
 import platform
 import signal
@@ -62,6 +61,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
+
+from reporting import write_report
 
 NAMESPACE = "/slm_bench"
 MODEL = "default"
@@ -690,10 +691,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             f"{os.environ.get('ROS_AUTOMATIC_DISCOVERY_RANGE')}")
         bench = run_benchmark(args, prompts)
         report = build_report(args, prompts, bench)
-    text = json.dumps(report, indent=2)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
-    print(text)
+    write_report(report, args.out)
     log(f"report written to {args.out}")
     return 0
 

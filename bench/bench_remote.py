@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ sys.path.insert(0, str(HERE.parent / "test"))
 
 from bench_llm import (PROMPTS, QUICK_PROMPTS, REPETITION_PENALTY, log, machine_info,  # noqa: E402
                        measure, median, ros_domain, ros_node, summarise_runs)
+from reporting import write_report  # noqa: E402
 
 DEFAULT_OUT = HERE / "results" / "bench_remote.json"
 NAMESPACES = {"in_process": "/slm_bench_local", "remote": "/slm_bench_remote"}
@@ -126,9 +126,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 "ttft_overhead_ms": round(median([r["ttft_overhead_ms"] for r in rows]), 2),
             },
         }
-    text = json.dumps(report, indent=2)
-    args.out.write_text(text + "\n")
-    print(text)
+    write_report(report, args.out)
     log(f"report written to {args.out}")
     return 0
 

@@ -24,7 +24,6 @@ JSON on stdout and in ``--out`` (default ``bench/results/bench_vision.json``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import re
@@ -36,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import List, Optional
+
+from reporting import write_report
 
 HERE = Path(__file__).resolve().parent
 TEST_DIR = HERE.parent / "test"
@@ -194,10 +195,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                   "frame_age_median_within_one_period_plus_decode":
                   asking["frame_age_ms"]["median"] <= period_ms + 5.0},
     }
-    out = json.dumps(report, indent=2)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(out + "\n")
-    print(out)
+    write_report(report, args.out)
     return 0
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import subprocess
 import sys
 import threading
@@ -33,6 +32,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_llm import ros_domain, stop_process  # noqa: E402
+from reporting import write_report  # noqa: E402
 
 NAMESPACE = "/slm_soak"
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "soak.json"
@@ -233,10 +233,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     with ros_domain():
         report = soak(args)
-    text = json.dumps(report, indent=2)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
+    write_report(report, args.out)
     log(f"{report['requests']} requests, {report['lost']} lost, RSS growth "
         f"{report['rss_growth_mb_per_1000_requests']} MB per 1000 requests -> {args.out}")
     return 0 if report["lost"] == 0 and report["node_alive_at_end"] else 1

@@ -39,6 +39,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from reporting import write_report
+
 HERE = Path(__file__).resolve().parent
 PROMPTS = (
     "What is the capital of France? Answer in one sentence.",
@@ -311,11 +313,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             goals[f"{name}_ros_ttft_overhead<=5ms"] = r["summary"]["goal_ttft_overhead_met"]
     report["goals"] = goals
     out = args.out_dir / "suite.json"
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, out)
     problem = plot(report, args.out_dir / "suite.png")
     if problem:
         log(problem)
-    print(json.dumps(report, indent=2))
     log(f"wrote {out} and {args.out_dir / 'suite.png'}")
     return 0
 
