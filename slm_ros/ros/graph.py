@@ -128,11 +128,8 @@ def run_graph(plans: List[NodePlan]) -> int:
             node.destroy_node()
         rclpy.try_shutdown()
         return 2
-    # Each running goal waits on a thread while its engine streams (remote backends run up to
-    # remote.max_in_flight at once); size the pool for full queues, as model_node.run does.
-    workers = 4 + sum(int(n.get_parameter("max_queue").value) +
-                      int(n.get_parameter("remote.max_in_flight").value) + 4 for n in nodes
-                      if not isinstance(n, EngineBuilderNode))
+    # Size the pool for every model node's goals at once (ModelNode.goal_threads), plus spares.
+    workers = 4 + sum(n.goal_threads() + 4 for n in nodes if not isinstance(n, EngineBuilderNode))
     executor = MultiThreadedExecutor(num_threads=workers)
     for node in nodes:
         executor.add_node(node)

@@ -206,6 +206,12 @@ class ModelNode(LifecycleNode):
     def params(self) -> Dict:
         return values(self, self.PARAMETERS)
 
+    def goal_threads(self) -> int:
+        """Executor threads the node's goals can hold at once: each running or queued goal waits
+        on one while the engine streams (a remote backend runs up to ``remote.max_in_flight``)."""
+        return int(self.get_parameter("max_queue").value) + \
+            int(self.get_parameter("remote.max_in_flight").value)
+
     def bring_up(self) -> None:
         """Configure and activate (what ``autostart`` does); on failure log how to retry. The
         node stays up either way."""
@@ -242,10 +248,10 @@ class ModelNode(LifecycleNode):
             result_service_qos_profile=qos.ACTION_SERVICES,
             cancel_service_qos_profile=qos.ACTION_SERVICES)
 
-    def publish_chunk(self, chunk, tokens_pub, goal_handle=None, feedback_type=None):
+    def publish_chunk(self, chunk, tokens_pub, goal_handle=None, feedback_type=None) -> None:
         """Publish one engine chunk: as the goal's feedback first (its waiting client is the
         latency-critical one), then on the node's chunk topic ``tokens_pub`` if anything
-        subscribes to it. Returns the TokenChunk message.
+        subscribes to it.
 
         The topic is volatile, so a publication with no matched subscriber reaches nobody; skipping
         it saves its conversion and write (~50 us a chunk on a small CPU, measured), which on a
@@ -255,7 +261,6 @@ class ModelNode(LifecycleNode):
             goal_handle.publish_feedback(feedback_type(chunk=msg))
         if tokens_pub.get_subscription_count():
             tokens_pub.publish(msg)
-        return msg
 
     def _accept_goal(self, goal_handle, start: Callable[[object], GoalRun]) -> None:
         try:
@@ -358,12 +363,11 @@ class ModelNode(LifecycleNode):
             call_in_thread(backend.warmup, name="slm-warmup")
         except SlmError as exc:
             return self.configure_failed(log, str(exc))
-        self._model_label = (backend.describe().get("model") if backend.remote else "") or \
-            resolved.name
+        info = backend.describe()
+        self._model_label = (info.get("model") if backend.remote else "") or resolved.name
         self._backend = backend
         self._engine = Engine(backend, engine_config, logger=log)
         self.create_interfaces()
-        info = backend.describe()
         if backend.remote:
             if info.get("warning"):
                 log.warning(f"{info['warning']}; requests fail with the reason until it answers")
@@ -461,10 +465,7 @@ def run(node_cls: Type[ModelNode], args=None, extra_threads: int = 4) -> int:
     """``main`` of a model node: build, autostart, spin, shut down."""
     rclpy.init(args=args)
     node = node_cls()
-    # Each running goal waits on a thread while the engine streams; size the pool for a full queue.
-    threads = (int(node.get_parameter("max_queue").value) +
-               int(node.get_parameter("remote.max_in_flight").value) + extra_threads)
-    executor = MultiThreadedExecutor(num_threads=threads)
+    executor = MultiThreadedExecutor(num_threads=node.goal_threads() + extra_threads)
     executor.add_node(node)
     try:
         if node.autostart:
