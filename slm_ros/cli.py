@@ -431,7 +431,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "(embedded SmolLM2-135M-Instruct), a checkpoint dir or a .gguf (--profile "
                         "remote: the served model's name); empty = the profile's default model, "
                         "else 'default'")
-    p.add_argument("--backend", default="", help="backend override (transformers, tensorrt_llm)")
+    p.add_argument("--backend", default="",
+                   help="backend override (auto, transformers, llama_cpp, tensorrt_llm, openai)")
     p.add_argument("--device", default="", help="device override (cpu, cuda, cuda:N)")
     p.add_argument("--params-file", default="",
                    help="ROS parameters YAML applied last (sections /**/llm, /**/vision, "
