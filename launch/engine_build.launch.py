@@ -30,8 +30,8 @@ def generate_launch_description():
                         "directory or a .gguf; empty = the profile's default model."),
         DeclareLaunchArgument(
             "backend", default_value="",
-            description="Backend override (transformers, tensorrt_llm); empty = the profile's "
-                        "and card's choice."),
+            description="Backend override (transformers, llama_cpp, tensorrt_llm); empty "
+                        "= the profile's and card's choice."),
         DeclareLaunchArgument(
             "params_file", default_value="",
             description="Extra ROS parameters YAML applied last (e.g. "

@@ -42,7 +42,7 @@ def generate_launch_description():
             description="Board profile: cpu, x86-cuda, orin-nano-8gb, orin-nx-16gb, "
                         "agx-orin-64gb, remote (generation on an OpenAI-compatible server) "
                         "(config/profiles/) or a YAML path; empty = the nodes' defaults "
-                        "(transformers, device auto, embedded model)."),
+                        "(backend auto, device auto, embedded model)."),
         DeclareLaunchArgument(
             "model", default_value="",
             description="Text model: a card of config/models/ (e.g. qwen2.5-1.5b-instruct), "

@@ -82,8 +82,8 @@ def generate_launch_description():
                         "default model for this node, else the node's default."),
         DeclareLaunchArgument(
             "backend", default_value="",
-            description="Backend override (transformers, tensorrt_llm); empty = the profile's "
-                        "and model card's choice."),
+            description="Backend override (auto, transformers, llama_cpp, tensorrt_llm, "
+                        "openai); empty = the profile's and model card's choice."),
         DeclareLaunchArgument(
             "params_file", default_value="",
             description="Extra ROS parameters YAML applied after the profile and model card "
