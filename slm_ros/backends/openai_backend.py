@@ -43,6 +43,8 @@ from slm_ros.core.types import SamplingParams
 FIRST_SERVED_MODEL = ("", "default")
 #: HTTP statuses worth a retry before the first token (the server is busy or restarting).
 RETRY_STATUS = (429, 502, 503, 504)
+#: Transport errors worth a retry before the first token (refused, reset, dropped connection).
+RETRY_TRANSPORT = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError)
 #: How often a waiting consumer looks at its cancel flag (seconds).
 _POLL_S = 0.02
 
@@ -260,8 +262,7 @@ class OpenAiBackend(TextStreamBackend):
             except httpx.HTTPError as exc:
                 message = describe_transport_error(exc, config)
                 # _read_events lets transport errors through only before the first token.
-                if attempt >= config.max_retries or not isinstance(exc, (httpx.ConnectError, httpx.RemoteProtocolError,
-                                             httpx.ReadError)):
+                if attempt >= config.max_retries or not isinstance(exc, RETRY_TRANSPORT):
                     if attempt:
                         message += f" (after {attempt} retries)"
                     out.put(("error", f"{self.where()}: {message}"))
