@@ -192,6 +192,7 @@ class LlmClient(RosParticipant):
         assert handle.accepted
         return handle
 
+
 class VisionClient(RosParticipant):
     """Test-side ROS participant: image publishers, question publisher, answer subscribers, the
     ask action."""
