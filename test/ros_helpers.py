@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import array
 import collections
+import contextlib
 import os
 import signal
 import subprocess
@@ -42,6 +43,7 @@ class NodeProcess:
                  executable: str = "llm_node", remaps=(), **params) -> None:
         self.namespace = namespace
         self.domain_id = domain_id
+        self.executable = executable
         self.log_path = log_path
         cmd = [node_executable(executable), "--ros-args", "-r", f"__ns:={namespace}"]
         for remap in remaps:
@@ -81,6 +83,20 @@ class NodeProcess:
                 continue
         self._log.close()
         return self.proc.returncode
+
+
+@contextlib.contextmanager
+def served_by(node: NodeProcess, client_cls):
+    """A ``client_cls`` participant (LlmClient, VisionClient) in ``node``'s domain and namespace,
+    ready; on exit the client closes and the node must stop with exit code 0."""
+    client = client_cls(node.domain_id, node.namespace)
+    client.wait_ready()
+    try:
+        yield client
+    finally:
+        client.close()
+        code = node.stop()
+        assert code == 0, f"{node.executable} exit code {code}\n{node.log()}"
 
 
 class RosParticipant:

@@ -14,7 +14,7 @@ import pytest
 from openai_servers import LlamaCppServer, embedded_gguf, free_port
 from openai_stub import StubServer, cut, ok, status
 from ros_helpers import (LlmClient, NodeProcess, VisionClient, assert_feedback_ok,
-                         assert_stream_ok, wait_future)
+                         assert_stream_ok, served_by, wait_future)
 
 PROMPT = "What is the capital of France? Answer in one sentence."
 
@@ -42,12 +42,8 @@ def node_and_client(server, tmp_path_factory):
     with reserve() as did:
         node = _remote_node(did, tmp_path_factory.mktemp("llm_openai"), server.base_url,
                             **{"remote.max_in_flight": 8, "max_queue": 16})
-        client = LlmClient(did)
-        client.wait_ready()
-        yield node, client
-        client.close()
-        code = node.stop()
-        assert code == 0, f"llm_node exit code {code}\n{node.log()}"
+        with served_by(node, LlmClient) as client:
+            yield node, client
 
 
 def _ask(client, prompt=PROMPT, **sampling):

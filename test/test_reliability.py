@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 from std_msgs.msg import String
 
-from ros_helpers import LlmClient, NodeProcess, _die_with_parent, assert_stream_ok, wait_future
+from ros_helpers import (LlmClient, NodeProcess, _die_with_parent, assert_stream_ok, served_by,
+                         wait_future)
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (the suite runs the "
                                         "embedded model on llama.cpp)")
@@ -43,12 +44,8 @@ def served(tmp_path_factory):
         log = tmp_path_factory.mktemp("reliability") / "llm_node.log"
         node = NodeProcess(did, log, **NODE_PARAMS)
         assert node.wait_for_log("active: serving", 120), node.log()
-        client = LlmClient(did)
-        client.wait_ready()
-        yield did, node, client
-        client.close()
-        code = node.stop()
-        assert code == 0, f"llm_node exit code {code}\n{node.log()}"
+        with served_by(node, LlmClient) as client:
+            yield did, node, client
         assert "Traceback" not in log.read_text(), log.read_text()
 
 

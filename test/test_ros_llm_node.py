@@ -6,7 +6,8 @@ import uuid
 import pytest
 from std_msgs.msg import String
 
-from ros_helpers import LlmClient, NodeProcess, assert_feedback_ok, assert_stream_ok, wait_future
+from ros_helpers import (LlmClient, NodeProcess, assert_feedback_ok, assert_stream_ok, served_by,
+                         wait_future)
 
 
 @pytest.fixture(scope="module")
@@ -18,12 +19,8 @@ def node_and_client(tiny_model_dir, tmp_path_factory):
                            default_max_new_tokens=24, max_context_tokens=512,
                            default_repetition_penalty=1.0)
         assert node.wait_for_log("active: serving", 120), node.log()
-        client = LlmClient(did)
-        client.wait_ready()
-        yield node, client
-        client.close()
-        code = node.stop()
-        assert code == 0, f"llm_node exit code {code}\n{node.log()}"
+        with served_by(node, LlmClient) as client:
+            yield node, client
 
 
 def test_topic_prompt_streams_chunks_matching_response(node_and_client):

@@ -13,7 +13,7 @@ import pytest
 from sensor_msgs.msg import CompressedImage, Image
 
 from ros_helpers import (NodeProcess, VisionClient, _die_with_parent, assert_feedback_ok,
-                         assert_stream_ok, wait_future)
+                         assert_stream_ok, served_by, wait_future)
 from vlm_fixtures import build_tiny_llava
 
 HERE = Path(__file__).parent
@@ -174,12 +174,8 @@ def manual_setup(vlm_dir, tmp_path_factory):
     with reserve() as did:
         node = _start_node(did, tmp_path_factory, vlm_dir, "vision_manual",
                            max_frame_age_ms=0.0)
-        client = VisionClient(did)
-        client.wait_ready()
-        yield node, client
-        client.close()
-        code = node.stop()
-        assert code == 0, f"vision_node exit code {code}\n{node.log()}"
+        with served_by(node, VisionClient) as client:
+            yield node, client
 
 
 GOOD = np.random.default_rng(0).integers(0, 255, (24, 32, 3), dtype=np.uint8)
