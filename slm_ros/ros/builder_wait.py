@@ -11,6 +11,7 @@ from typing import Callable, Optional
 
 import rclpy
 from rclpy.context import Context
+from rclpy.executors import SingleThreadedExecutor
 
 from slm_ros.core.errors import ModelLoadError
 from slm_ros.msg import EngineStatus
@@ -22,7 +23,8 @@ def wait_for_engine(context: Context, namespace: str, topic: str, timeout_s: flo
                     poll_s: float = 0.1) -> EngineStatus:
     """Block until the builder on ``topic`` reports READY and return that status.
 
-    Uses a private helper node, so it works before the caller's executor spins (autostart) and from
+    Uses a private helper node on a private executor (not rclpy's process-wide global one, which
+    would outlive the wait), so it works before the caller's executor spins (autostart) and from
     inside a lifecycle transition. Raises :class:`ModelLoadError` when the build FAILED (with the
     builder's reason) or no READY arrived within ``timeout_s``.
     """
@@ -35,9 +37,11 @@ def wait_for_engine(context: Context, namespace: str, topic: str, timeout_s: flo
     deadline = time.monotonic() + timeout_s
     last_note = 0.0
     status: Optional[EngineStatus] = None
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(node)
     try:
         while time.monotonic() < deadline:
-            rclpy.spin_once(node, timeout_sec=poll_s)
+            executor.spin_once(timeout_sec=poll_s)
             if latest:
                 status = latest[-1]
                 if status.state == EngineStatus.STATE_READY:
@@ -52,6 +56,7 @@ def wait_for_engine(context: Context, namespace: str, topic: str, timeout_s: flo
                     log(f"engine builder: {status.state} {status.phase} {status.progress:.0%}")
                     last_note = time.monotonic()
     finally:
+        executor.shutdown()
         node.destroy_node()
     seen = f"last state {status.state} {status.phase}" if status else "no status received"
     raise ModelLoadError(f"no READY engine on {resolved} within {timeout_s:.0f} s ({seen}); is the "
