@@ -125,7 +125,8 @@ class VisionNode(ModelNode):
         self.create_generation_action(AskImage, "ask", self._start_goal)
 
     def destroy_interfaces(self) -> None:
-        if self._entities:
+        # Not once the context is shut down (Ctrl-C, SIGTERM): the line could not reach /rosout.
+        if self._entities and self.context.ok():
             self.get_logger().info(f"camera: {self.frames_received} frames received, "
                                    f"{self.frames_decoded} decoded")
         self._slot.clear()

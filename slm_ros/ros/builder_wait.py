@@ -23,13 +23,20 @@ def wait_for_engine(context: Context, namespace: str, topic: str, timeout_s: flo
                     poll_s: float = 0.1) -> EngineStatus:
     """Block until the builder on ``topic`` reports READY and return that status.
 
+    ``topic`` should be fully qualified, resolved by the calling node
+    (``node.resolve_topic_name``), so that the caller's remaps apply to it.
+
     Uses a private helper node on a private executor (not rclpy's process-wide global one, which
     would outlive the wait), so it works before the caller's executor spins (autostart) and from
-    inside a lifecycle transition. Raises :class:`ModelLoadError` when the build FAILED (with the
-    builder's reason) or no READY arrived within ``timeout_s``.
+    inside a lifecycle transition. The helper ignores the process's command-line arguments: a
+    global ``-r __node:=llm`` (launch_ros passes one for every node) would otherwise rename it to
+    the caller's name, putting two nodes of that name in the graph and taking over the caller's
+    ``/rosout`` publisher registration. Raises :class:`ModelLoadError` when the build FAILED (with
+    the builder's reason) or no READY arrived within ``timeout_s``.
     """
     node = rclpy.create_node(node_name, namespace=namespace or "/", context=context,
-                             start_parameter_services=False)
+                             start_parameter_services=False, use_global_arguments=False,
+                             enable_rosout=False)
     latest: list = []
     node.create_subscription(EngineStatus, topic, latest.append, qos.ENGINE_STATUS)
     resolved = node.resolve_topic_name(topic)

@@ -346,7 +346,8 @@ class ModelNode(LifecycleNode):
             backend_name, model = p["backend"], p["model"]
             if p["wait_for_builder"]:
                 status = wait_for_engine(self.context, self.get_namespace(),
-                                         p["builder_status_topic"], p["builder_timeout_s"],
+                                         self.resolve_topic_name(p["builder_status_topic"]),
+                                         p["builder_timeout_s"],
                                          log.info, node_name=f"{self.get_name()}_engine_wait")
                 backend_name, model = status.backend, status.artifact_path
             backend_name = choose_backend(backend_name, model, p["device"], self.modality)
