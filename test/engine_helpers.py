@@ -39,3 +39,29 @@ class Collector:
 
     def text(self, rid):
         return "".join(c.text for c in self.chunks[rid])
+
+
+def reference_text(model: str, prompt: str, config, sampling=None, backend_name="llama_cpp",
+                   **backend_options) -> str:
+    """What the core engine answers ``prompt`` with on this machine: ``model`` loaded in this
+    process with ``backend_name``, a fresh session, the node's engine settings ``config``.
+
+    llama.cpp is compiled for the CPU it runs on, and a small 4-bit model's greedy choice can
+    differ between instruction sets (AVX2 vs AVX-512): tests compare a node's answer with this,
+    never with one CPU's wording."""
+    from slm_ros.backends.base import BackendConfig
+    from slm_ros.backends.registry import create_backend
+    from slm_ros.core.types import Request, SamplingOverrides
+
+    backend = create_backend(backend_name)
+    backend.load(BackendConfig(model=model, device="cpu", **backend_options))
+    try:
+        with running_engine(backend, config) as engine:
+            sink = Collector(timeout=120)
+            rid = engine.submit(Request(prompt=prompt, session_id="reference", reset_session=True,
+                                        sampling=sampling or SamplingOverrides()), sink)
+            final = sink.final(rid)
+            assert final.finish_reason.value in ("stop", "length"), final
+            return sink.text(rid)
+    finally:
+        backend.close()

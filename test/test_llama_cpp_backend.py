@@ -2,6 +2,7 @@
 about half a second) -- alone, under the engine, as a build step, and in an llm_node process."""
 
 import json
+import re
 import threading
 import uuid
 from pathlib import Path
@@ -163,16 +164,57 @@ def test_sampling_is_reproducible_with_a_seed(backend):
     assert len(first) > 0
 
 
+#: Questions the embedded 135M model answers right, each with the words that count as right. Greedy
+#: text of a 4-bit model differs between CPUs (llama.cpp compiles for the one it runs on), so the
+#: check needs a majority, not every answer nor one wording; "in one sentence" keeps the model on
+#: topic (without it "the capital of France" drifts into French on AVX-512). Checked on AVX2 and
+#: AVX-512 builds (see the README's "Tests" section).
+FACTS = (
+    ("What is the capital of France?", ("paris",)),
+    ("What is the capital of Italy?", ("rome",)),
+    ("What is the capital of Japan?", ("tokyo",)),
+    ("What is the capital of Germany?", ("berlin",)),
+    ("What is the capital of Spain?", ("madrid",)),
+    ("How many legs does a spider have?", ("eight", "8")),
+    ("How many legs does a dog have?", ("four", "4")),
+    ("How many days are in a week?", ("seven", "7")),
+    ("What is the opposite of hot?", ("cold",)),
+    ("What is the chemical symbol for gold?", ("au",)),
+)
+ONE_SENTENCE = " Answer in one sentence."
+
+
 def test_eos_ends_with_finish_reason_stop(engine, backend):
+    """finish_reason is stop exactly when the model ended with an end-of-sequence token (no stop
+    strings here), length exactly when it used max_new_tokens; most short questions end by EOS."""
     sink = Collector(timeout=60)
-    rid = engine.submit(Request(prompt="What is the capital of France?",
-                                sampling=SamplingOverrides(max_new_tokens=100,
-                                                           repetition_penalty=1.1)), sink)
-    final = sink.final(rid)
-    assert final.finish_reason is FinishReason.STOP, final
-    assert final.stats.completion_tokens < 100
-    assert final.token_ids and final.token_ids[-1] in backend.eos_token_ids
-    assert "Paris" in sink.text(rid)
+    by_eos = 0
+    for prompt, _ in FACTS:
+        rid = engine.submit(Request(prompt=prompt + ONE_SENTENCE, sampling=SamplingOverrides(
+            max_new_tokens=100, repetition_penalty=1.1)), sink)
+        final = sink.final(rid)
+        ended_by_eos = bool(final.token_ids) and final.token_ids[-1] in backend.eos_token_ids
+        if final.finish_reason is FinishReason.STOP:
+            assert ended_by_eos and final.stats.completion_tokens < 100, final
+            by_eos += 1
+        else:
+            assert final.finish_reason is FinishReason.LENGTH, final
+            assert not ended_by_eos and final.stats.completion_tokens == 100, final
+        assert sink.text(rid).strip()
+    assert by_eos > len(FACTS) // 2, f"only {by_eos} of {len(FACTS)} answers ended by EOS"
+
+
+def test_the_model_knows_common_facts(engine):
+    sink = Collector(timeout=60)
+    answers = {}
+    for prompt, words in FACTS:
+        rid = engine.submit(Request(prompt=prompt + ONE_SENTENCE, sampling=SamplingOverrides(
+            repetition_penalty=1.1)), sink)
+        sink.final(rid)
+        text = sink.text(rid)
+        answers[prompt] = (text, any(w in re.findall(r"\w+", text.lower()) for w in words))
+    right = sum(ok for _, ok in answers.values())
+    assert right > len(FACTS) // 2, answers
 
 
 def test_max_new_tokens_ends_with_length(engine):
@@ -333,8 +375,10 @@ def test_cancelled_build_publishes_nothing(tmp_path, gguf):
 # ------------------------------------------------------------------------------- across processes
 
 @pytest.mark.parametrize("backend_param", ["llama_cpp", "auto"])
-def test_llm_node_answers_with_llama_cpp(backend_param, domain_id, tmp_path):
-    from ros_helpers import LlmClient, NodeProcess, wait_future
+def test_llm_node_answers_with_llama_cpp(backend_param, domain_id, tmp_path, gguf):
+    from engine_helpers import reference_text
+    from ros_helpers import LlmClient, NodeProcess, wait_future, assert_feedback_ok
+    prompt = "What is the capital of France?"
     node = NodeProcess(domain_id, tmp_path / "llm.log", backend=backend_param, model="default",
                        default_max_new_tokens=32)
     client = None
@@ -343,11 +387,15 @@ def test_llm_node_answers_with_llama_cpp(backend_param, domain_id, tmp_path):
         assert "with backend llama_cpp" in node.log()
         client = LlmClient(domain_id)
         client.wait_ready()
-        handle = client.send_goal("What is the capital of France?")
+        feedback = []
+        handle = client.send_goal(prompt, feedback=feedback)
         result = wait_future(handle.get_result_async()).result
         assert result.finish_reason in ("stop", "length"), result.error
-        assert "Paris" in result.text, result.text
-        assert result.stats.tokens_per_second > 0
+        assert result.text.strip() and result.stats.tokens_per_second > 0
+        assert_feedback_ok(feedback, result.text)
+        # The node's answer is the core engine's on this machine, same model and settings.
+        assert result.text == reference_text(
+            gguf, prompt, EngineConfig(defaults=SamplingParams(max_new_tokens=32)))
     finally:
         if client is not None:
             client.close()

@@ -2,7 +2,9 @@
 cancels, a client killed mid-stream, a burst of garbage prompts, and kill -9 of the engine builder and
 of the LLM node. Real DDS on loopback, the real embedded SmolLM2 on llama.cpp. Every scenario checks
 that nothing is lost (every request ends with exactly one final chunk, seq without gaps) and that the
-node then answers a fresh question correctly. The figures are printed (``-s`` shows them).
+node then answers a fresh question correctly: exactly as the core engine does in this process on the
+same model and settings (greedy text depends on the CPU llama.cpp was compiled for, so no wording is
+assumed). The figures are printed (``-s`` shows them).
 """
 
 import json
@@ -18,6 +20,7 @@ from pathlib import Path
 import pytest
 from std_msgs.msg import String
 
+from engine_helpers import reference_text
 from ros_helpers import (LlmClient, NodeProcess, _die_with_parent, assert_stream_ok, served_by,
                          wait_future)
 
@@ -30,6 +33,8 @@ MAX_QUEUE = 16
 STATUS_SUCCEEDED, STATUS_CANCELED, STATUS_ABORTED = 4, 5, 6
 NODE_PARAMS = dict(backend="llama_cpp", model="default", max_queue=MAX_QUEUE,
                    default_max_new_tokens=12, max_context_tokens=1024, max_history_turns=2)
+FRESH_PROMPT = "What is the capital of France?"
+FRESH_TOKENS = 32
 
 
 def figures(name: str, **numbers) -> None:
@@ -45,19 +50,33 @@ def served(tmp_path_factory):
         node = NodeProcess(did, log, **NODE_PARAMS)
         assert node.wait_for_log("active: serving", 120), node.log()
         with served_by(node, LlmClient) as client:
+            client.expected = expected_answer(NODE_PARAMS["max_context_tokens"])
             yield did, node, client
         assert "Traceback" not in log.read_text(), log.read_text()
 
 
+def expected_answer(max_context_tokens: int, model: str = "") -> str:
+    """The core engine's answer to the fresh question in this process: ``model`` (default: the
+    embedded GGUF) on llama.cpp with the node's engine settings."""
+    from slm_ros.core.engine import EngineConfig
+    from slm_ros.core.types import SamplingOverrides, SamplingParams
+    from slm_ros.models import embedded_gguf
+    return reference_text(model or str(embedded_gguf()), FRESH_PROMPT,
+                          EngineConfig(defaults=SamplingParams(max_new_tokens=12)),
+                          SamplingOverrides(max_new_tokens=FRESH_TOKENS),
+                          max_context_tokens=max_context_tokens)
+
+
 def assert_answers_fresh(client: LlmClient) -> str:
-    """A new session asking the capital of France gets a whole, correct answer."""
+    """A new session asking the fresh question gets a whole answer, the same as the core engine's
+    (``client.expected``)."""
     rid = f"fresh-{uuid.uuid4().hex[:8]}"
-    client.request("What is the capital of France?", rid, session_id=rid, reset_session=True,
-                   sampling={"max_new_tokens": 32})
+    client.request(FRESH_PROMPT, rid, session_id=rid, reset_session=True,
+                   sampling={"max_new_tokens": FRESH_TOKENS})
     final = client.wait_final(rid, 60)
     text = assert_stream_ok(client.chunks[rid])
     assert final.finish_reason in ("stop", "length"), final.error
-    assert "Paris" in text, text
+    assert text.strip() and text == client.expected, (text, client.expected)
     return text
 
 
@@ -278,6 +297,8 @@ def test_kill_9_of_engine_builder_and_llm_node(tmp_path, domain_id):
                     llm.proc.wait(timeout=10)
                     kills += 1
                 else:
+                    client.expected = expected_answer(0, model=str(
+                        next(artifact.glob("*.gguf"))))
                     assert_answers_fresh(client)
             finally:
                 client.close()
