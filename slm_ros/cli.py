@@ -35,23 +35,31 @@ def _keep_discovery_local() -> None:
         os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
 
 
-def node_executable(name: str) -> str:
-    """Path of an installed node launcher (lib/slm_ros/<name>)."""
+def installed_executable(relative: str) -> str:
+    """Path of an installed file of this package, ``relative`` to its install prefix (e.g.
+    ``lib/slm_ros/llm_node``, ``bin/slm-ros``): the prefix the ament index names (a sourced colcon
+    overlay or a robot's ROS install), else this Python's environment (a pip install)."""
     candidates = []
     try:
         from ament_index_python.packages import PackageNotFoundError, get_package_prefix
         try:
-            candidates.append(Path(get_package_prefix("slm_ros")) / "lib" / "slm_ros" / name)
+            candidates.append(Path(get_package_prefix("slm_ros")) / relative)
         except (PackageNotFoundError, OSError):  # OSError: AMENT_PREFIX_PATH unset (pip install)
             pass
     except ImportError:
         pass
-    candidates.append(Path(sys.prefix) / "lib" / "slm_ros" / name)
+    candidates.append(Path(sys.prefix) / relative)
     for path in candidates:
         if path.is_file() and os.access(path, os.X_OK):
             return str(path)
-    raise SystemExit(f"slm-ros: cannot find the installed {name} executable (looked in "
-                     f"{', '.join(str(c) for c in candidates)}); run scripts/setup.sh or colcon build")
+    raise SystemExit(f"slm-ros: cannot find the installed {Path(relative).name} executable (looked "
+                     f"in {', '.join(str(c) for c in candidates)}); run scripts/setup.sh or colcon "
+                     f"build")
+
+
+def node_executable(name: str) -> str:
+    """Path of an installed node launcher (lib/slm_ros/<name>)."""
+    return installed_executable(f"lib/slm_ros/{name}")
 
 
 def _sampling_args(parser: argparse.ArgumentParser) -> None:

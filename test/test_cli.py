@@ -4,12 +4,13 @@ a subprocess, real files."""
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-CLI = str(Path(sys.prefix) / "bin" / "slm-ros")
+from slm_ros.cli import installed_executable
+
+CLI = installed_executable("bin/slm-ros")
 CONFIGS = Path(__file__).parent / "data" / "model_configs"
 
 

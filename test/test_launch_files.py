@@ -20,12 +20,12 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import pytest
 
+from slm_ros.cli import installed_executable, node_executable
 from slm_ros.core.errors import ConfigError
 from slm_ros.ros import deployment
 from slm_ros.ros.param_files import ParamFileError
@@ -35,8 +35,8 @@ ROOT = HERE.parent
 LAUNCH = ROOT / "launch"
 API = json.loads((HERE / "data" / "launch_api.json").read_text())
 LAUNCH_FILES = sorted(LAUNCH.glob("*.launch.py"))
-PACKAGE_LIB = Path(sys.prefix) / "lib" / "slm_ros"
-SHARE = Path(sys.prefix) / "share" / "slm_ros"
+# Where the package is installed: the ament index (colcon overlay, robot), else this environment.
+SHARE = deployment.share_dir()
 
 
 # -- a small static model of a launch file ---------------------------------------------------------
@@ -216,8 +216,7 @@ def test_node_executables_are_installed_and_known():
     choices = base.arguments()["node"]["choices"]
     assert set(choices) == set(deployment.NODES)
     for name in choices:
-        exe = PACKAGE_LIB / name
-        assert exe.is_file() and os.access(exe, os.X_OK), f"{exe} is not installed"
+        node_executable(name)   # exits naming where it looked when not installed
     for call in base.calls("launch_ros.actions.Node"):
         kw = {k.arg: k.value for k in call.keywords}
         assert ast.literal_eval(kw["package"]) == "slm_ros"
@@ -226,7 +225,7 @@ def test_node_executables_are_installed_and_known():
         for call in LaunchFile(path).calls("launch_ros.actions.Node"):
             exe = {k.arg: k.value for k in call.keywords}["executable"]
             if isinstance(exe, ast.Constant):
-                assert (PACKAGE_LIB / exe.value).is_file()
+                node_executable(exe.value)
 
 
 @pytest.mark.parametrize("path", [p for p in LAUNCH_FILES if p.name != "slm_node.launch.py"],
@@ -364,12 +363,12 @@ def test_a_wrong_key_or_type_is_refused_naming_file_and_key(tmp_path):
         deployment.check_plan(deployment.plan_node("engine_builder_node", params_file=str(bad),
                                                    share=ROOT))
     # The same through `slm-ros up`, as a user meets it: exit 2, the file and key named.
-    out = subprocess.run([str(Path(sys.prefix) / "bin" / "slm-ros"), "up", "--check",
+    out = subprocess.run([installed_executable("bin/slm-ros"), "up", "--check",
                           "--profile", str(bad)], capture_output=True, text=True, timeout=60,
                          cwd=tmp_path, env=dict(os.environ, ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST"))
     assert out.returncode == 2, out.stderr
     assert "no 'slm_ros_profile' section" in out.stderr
-    out = subprocess.run([str(Path(sys.prefix) / "bin" / "slm-ros"), "up", "--check",
+    out = subprocess.run([installed_executable("bin/slm-ros"), "up", "--check",
                           "--params-file", str(bad)], capture_output=True, text=True, timeout=60,
                          cwd=tmp_path, env=dict(os.environ, ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST"))
     assert out.returncode == 2 and "x.yaml: key 'foo' is not a parameter of llm_node" in out.stderr
@@ -471,7 +470,7 @@ def test_slm_ros_up_runs_builder_llm_and_vision_from_the_yaml_files(tiny_model_d
         "/**/llm:\n  ros__parameters:\n    default_max_new_tokens: 8\n"
         "    default_repetition_penalty: 1.0\n    builder_timeout_s: 120.0\n")
     namespace = "/up"
-    cmd = [str(Path(sys.prefix) / "bin" / "slm-ros"), "up", "--namespace", namespace,
+    cmd = [installed_executable("bin/slm-ros"), "up", "--namespace", namespace,
            "--model", tiny_model_dir, "--builder", "--vision", "--vision-model", vlm,
            "--camera-topic", "/camera/image_raw", "--params-file", str(params)]
     log = open(tmp_path / "up.log", "w")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from sensor_msgs.msg import CompressedImage, Image
 
+from slm_ros.cli import installed_executable
 from ros_helpers import (NodeProcess, VisionClient, _die_with_parent, assert_feedback_ok,
                          assert_stream_ok, served_by, wait_future)
 from vlm_fixtures import build_tiny_llava
@@ -270,12 +271,12 @@ def test_cli_look_with_an_image_file(manual_setup, tmp_path):
     cv2.imwrite(str(image), cv2.cvtColor(GOOD, cv2.COLOR_RGB2BGR))
     env = dict(os.environ, ROS_DOMAIN_ID=str(node.domain_id),
                ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST")
-    proc = subprocess.run([str(Path(sys.prefix) / "bin" / "slm-ros"), "look", "What is this?",
+    proc = subprocess.run([installed_executable("bin/slm-ros"), "look", "What is this?",
                            "--image", str(image), "--namespace", "/t"],
                           capture_output=True, text=True, env=env, timeout=120, cwd="/")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"frame {image}" in proc.stderr and ("[stop]" in proc.stderr or "[length]" in proc.stderr)
-    missing = subprocess.run([str(Path(sys.prefix) / "bin" / "slm-ros"), "look", "x", "--image",
+    missing = subprocess.run([installed_executable("bin/slm-ros"), "look", "x", "--image",
                               str(tmp_path / "nope.jpg"), "--namespace", "/t"],
                              capture_output=True, text=True, env=env, timeout=60, cwd="/")
     assert missing.returncode == 2 and "cannot read image" in missing.stderr
