@@ -18,6 +18,7 @@ import importlib.util
 import json
 import os
 import shutil
+import struct
 import tempfile
 import time
 from pathlib import Path
@@ -150,6 +151,9 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(
             str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except struct.error as exc:   # the header ends before what it declares
+        raise ModelLoadError(f"GGUF file {gguf} is truncated or damaged ({gguf.stat().st_size} "
+                             f"bytes; its header reads past the end: {exc})") from exc
     except (OSError, ValueError, RuntimeError, KeyError, ImportError) as exc:
         raise ModelLoadError(f"could not read GGUF file {gguf}: {exc}") from exc
     # transformers refuses to save a model that still carries its GGUF quantizer.

@@ -8,6 +8,8 @@ Modes (ROS_DOMAIN_ID comes from the environment):
   every final chunk on ``tokens`` and every action result; write a JSON report to ``--out``.
 * ``hold``: send one goal and one topic request (long answers), write ``--ready-file`` once chunks of
   both stream in, then keep running until killed (the test kills it with SIGKILL mid-stream).
+* ``goals``: send ``--count`` goals, write ``--ready-file`` once one streams, keep running until
+  killed (a client that dies with goals in flight).
 
 Readiness: ``--ready-file`` is written once the node's endpoints are matched (flood) or streaming
 (hold).
@@ -176,9 +178,24 @@ def hold(args) -> int:
         time.sleep(1.0)
 
 
+def goals(args) -> int:
+    """Send ``--count`` goals, touch the ready file once all are accepted and one streams, then
+    wait to be killed (a client that dies with goals in flight)."""
+    client = Client(args.namespace, args.tag)
+    client.wait_matched()
+    prompt = "Write a very long story about a robot who explores the ocean."
+    for i in range(args.count):
+        client.goal(f"{args.tag}-{i}", prompt, args.max_new_tokens)
+    with client.cv:
+        client.cv.wait_for(lambda: len(client.chunks) >= 1, args.timeout)
+    _touch(args.ready_file)
+    while True:  # until SIGKILL
+        time.sleep(1.0)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", choices=("flood", "hold"))
+    parser.add_argument("mode", choices=("flood", "hold", "goals"))
     parser.add_argument("--namespace", default="/t")
     parser.add_argument("--tag", required=True, help="request id prefix, unique per client")
     parser.add_argument("--count", type=int, default=25)
@@ -188,7 +205,7 @@ def main(argv=None) -> int:
     parser.add_argument("--start-file", default="")
     parser.add_argument("--timeout", type=float, default=150.0)
     args = parser.parse_args(argv)
-    return flood(args) if args.mode == "flood" else hold(args)
+    return {"flood": flood, "hold": hold, "goals": goals}[args.mode](args)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,8 @@ class NodeProcess:
     kept in a log."""
 
     def __init__(self, domain_id: int, log_path, namespace: str = "/t",
-                 executable: str = "llm_node", remaps=(), **params) -> None:
+                 executable: str = "llm_node", remaps=(), env: Optional[dict] = None,
+                 **params) -> None:
         self.namespace = namespace
         self.domain_id = domain_id
         self.executable = executable
@@ -50,7 +51,7 @@ class NodeProcess:
             cmd += ["-r", remap]
         for key, value in params.items():
             cmd += ["-p", f"{key}:={value}"]
-        env = dict(os.environ, ROS_DOMAIN_ID=str(domain_id),
+        env = dict(os.environ, **(env or {}), ROS_DOMAIN_ID=str(domain_id),
                    ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST", PYTHONUNBUFFERED="1")
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
@@ -130,6 +131,10 @@ class RosParticipant:
     def close(self) -> None:
         self.executor.shutdown()
         self._thread.join(timeout=5)
+        # Node.destroy_node leaves waitables (action clients) alive, with their endpoints in the
+        # graph, until garbage collection: a later test in the same domain would still see them.
+        for waitable in list(self.node.waitables):
+            waitable.destroy()
         self.node.destroy_node()
         rclpy.try_shutdown(context=self.context)
 
@@ -146,7 +151,12 @@ class LlmClient(RosParticipant):
         self.prompt_pub = self.node.create_publisher(String, "prompt", qos.COMMANDS)
         self.request_pub = self.node.create_publisher(GenerateRequest, "request", qos.COMMANDS)
         self.cancel_pub = self.node.create_publisher(String, "cancel", qos.COMMANDS)
+        # Deep service profiles as the README advises clients with many goals in flight: with
+        # rclpy's depth 10, a burst of goal or result responses can drop some.
         self.action = ActionClient(self.node, Generate, "generate",
+                                   goal_service_qos_profile=qos.ACTION_SERVICES,
+                                   result_service_qos_profile=qos.ACTION_SERVICES,
+                                   cancel_service_qos_profile=qos.ACTION_SERVICES,
                                    feedback_sub_qos_profile=qos.ACTION_FEEDBACK)
         self.start()
 

@@ -120,8 +120,10 @@ def test_engine_queue_full_and_duplicate_id(engine):
     # one running + max_queue (4) waiting; the sixth is refused at once
     assert sink.final("r5").error.startswith("queue full")
     dup = Collector()
-    engine.submit(Request("x", request_id="r1", sampling=long), dup)
-    assert "duplicate request_id 'r1'" in dup.final("r1").error
+    refused = engine.submit(Request("x", request_id="r1", sampling=long), dup)
+    # Refused under an id of its own: r1's stream stays r1's.
+    assert refused.startswith("r1#duplicate-") and list(dup.chunks) == [refused]
+    assert "duplicate request_id 'r1'" in dup.final(refused).error
     for rid in ids[:5]:
         engine.cancel(rid)
     for rid in ids:

@@ -116,8 +116,12 @@ def test_duplicate_active_request_id(node_and_client):
     client.request("long answer", rid, sampling={"max_new_tokens": 3000})
     assert client.wait_for(lambda: len(client.chunks.get(rid, ())) >= 2, 30)
     client.request("again", rid)
-    assert client.wait_for(lambda: any("duplicate request_id" in c.error
-                                       for c in client.chunks[rid]), 30)
+    # Refused under an id of its own (README): rid's stream is untouched.
+    assert client.wait_for(lambda: any(r.startswith(f"{rid}#duplicate-") for r in client.chunks),
+                           30)
+    refusal = [r for r in client.chunks if r.startswith(f"{rid}#duplicate-")][0]
+    assert f"duplicate request_id {rid!r}" in client.wait_final(refusal).error
+    assert not any(c.is_final for c in client.chunks[rid])
     client.cancel_pub.publish(String(data=rid))
     assert client.wait_for(lambda: any(c.finish_reason == "cancelled" for c in client.chunks[rid]),
                            30)

@@ -37,7 +37,7 @@ import httpx
 from slm_ros.backends.base import BackendConfig, RemoteConfig, TextStream, TextStreamBackend
 from slm_ros.core.errors import BackendError, RequestError
 from slm_ros.core.session import Message
-from slm_ros.core.types import SamplingParams
+from slm_ros.core.types import GREEDY_TEMPERATURE, SamplingParams
 
 #: What ``model`` means when it is left at the default: the first model the server lists.
 FIRST_SERVED_MODEL = ("", "default")
@@ -164,7 +164,9 @@ class OpenAiBackend(TextStreamBackend):
             wire[-1]["content"] = parts
         body: Dict[str, Any] = {
             "messages": wire, "stream": True, "stream_options": {"include_usage": True},
-            "max_tokens": params.max_new_tokens, "temperature": params.temperature,
+            "max_tokens": params.max_new_tokens,
+            # Below the floor the server would divide by ~0 as well: ask it for greedy.
+            "temperature": params.temperature if params.temperature >= GREEDY_TEMPERATURE else 0.0,
             "top_p": params.top_p,
         }
         if params.seed:

@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import threading
 import time
+import unicodedata
 import uuid
 from typing import Callable, Deque, List, Optional, Set
 
@@ -29,6 +30,15 @@ from slm_ros.core.streaming import IncrementalDetokenizer, StopStringFilter
 from slm_ros.core.types import Chunk, FinishReason, Request, SamplingParams, Stats
 
 Sink = Callable[[Chunk], None]
+
+#: How a refusal of an id already in use starts (see :meth:`Engine.submit`).
+DUPLICATE_ID = "duplicate request_id"
+
+
+def _blank(text: str) -> bool:
+    """True when ``text`` has nothing but whitespace and invisible format characters (zero-width
+    space and joiners, BOM, bidi marks: Unicode category Cf)."""
+    return all(c.isspace() or unicodedata.category(c) == "Cf" for c in text)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +54,12 @@ class EngineConfig:
     #: together in the next chunk. The first chunk and the final one are never held back. 0 = a
     #: chunk per piece of text.
     stream_interval_ms: int = 0
+    #: Prompts (with their system prompt) larger than this many UTF-8 bytes are refused before
+    #: tokenizing. 0 = no limit.
+    max_prompt_bytes: int = 262_144
+    #: A request still unfinished this many seconds after it was accepted (queue wait included)
+    #: is stopped with an error: a backstop for requests nobody waits for any more. 0 = off.
+    request_timeout_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.max_queue < 0:
@@ -52,6 +68,10 @@ class EngineConfig:
             raise ConfigError(f"max_history_turns must be >= 0, got {self.max_history_turns}")
         if self.max_context_tokens < 0:
             raise ConfigError(f"max_context_tokens must be >= 0, got {self.max_context_tokens}")
+        if self.max_prompt_bytes < 0:
+            raise ConfigError(f"max_prompt_bytes must be >= 0, got {self.max_prompt_bytes}")
+        if not self.request_timeout_s >= 0:
+            raise ConfigError(f"request_timeout_s must be >= 0, got {self.request_timeout_s}")
         if not 0 <= self.stream_interval_ms <= 10_000:
             raise ConfigError(f"stream_interval_ms must be between 0 and 10000, got "
                               f"{self.stream_interval_ms}")
@@ -79,12 +99,14 @@ class _Job:
         self.params: Optional[SamplingParams] = None
         self.cancel = threading.Event()
         self.abort_reason = ""       # set when the engine (not the user) stops the request
+        self.cancel_note = ""        # why a cancel came from the node, not the user (final chunk's error)
         self.t_accept = time.monotonic()
         self._seq = 0
         self._final_sent = False
         self._logger = logger
         self._interval_s = interval_s   # the engine's stream_interval_ms, in seconds
         # Text and token ids generated but not yet sent (see stream()).
+        self.deadline: Optional[threading.Timer] = None   # request_timeout_s of a running job
         self._held_text: List[str] = []
         self._held_ids: List[int] = []
         self._t_sent = 0.0
@@ -208,6 +230,10 @@ class Engine:
 
         Problems found now (empty prompt, invalid sampling, duplicate id, full queue, engine stopped)
         are answered at once with a final error chunk, from the caller's thread.
+
+        A request whose id is already queued or running is refused under an id of its own,
+        ``<id>#duplicate-<8 hex digits>`` (returned), never under the running request's id: a
+        stream of chunks with one request id is only ever that request's.
         """
         if not request.request_id:
             request = dataclasses.replace(request, request_id=uuid.uuid4().hex)
@@ -216,9 +242,13 @@ class Engine:
         if not error:
             with self._lock:
                 error = self._admit(job)
+        if error.startswith(DUPLICATE_ID):
+            job.request = dataclasses.replace(
+                request, request_id=f"{request.request_id}#duplicate-{uuid.uuid4().hex[:8]}")
+            error += f"; this refusal is sent as {job.request.request_id!r}"
         if error:
             self._refuse(job, error)
-        return request.request_id
+        return job.request.request_id
 
     def reject(self, error: str, sink: Sink, request_id: str = "", session_id: str = "") -> str:
         """Answer a request that could not even be built (e.g. invalid sampling fields) with its
@@ -233,11 +263,15 @@ class Engine:
         self._log.warning(f"request {job.request.request_id} rejected: {error}")
         job.fail(error)
 
-    def cancel(self, request_id: str) -> bool:
-        """Cancel a queued or running request. Returns False if no such request is pending."""
+    def cancel(self, request_id: str, note: str = "") -> bool:
+        """Cancel a queued or running request. Returns False if no such request is pending.
+
+        ``note`` says why when the node, not the requester, cancels (e.g. its client is gone): the
+        final chunk (finish reason cancelled) carries it as its ``error`` text."""
         with self._lock:
             for job in self._active:
                 if job.request.request_id == request_id:
+                    job.cancel_note = note
                     job.cancel.set()
                     return True
             for job in self._queue:
@@ -247,15 +281,22 @@ class Engine:
             else:
                 return False
         self.counters.cancelled += 1
-        job.finish(finish_reason=FinishReason.CANCELLED, stats=self._stats(job, 0, 0))
+        job.finish(finish_reason=FinishReason.CANCELLED, error=note, stats=self._stats(job, 0, 0))
         return True
 
     # -- internals -------------------------------------------------------------------------------
 
     def _validate(self, job: _Job) -> str:
         request = job.request
-        if not isinstance(request.prompt, str) or not request.prompt.strip():
+        if not isinstance(request.prompt, str) or _blank(request.prompt):
             return "empty prompt: the request has no text to answer"
+        limit = self._config.max_prompt_bytes
+        if limit:
+            size = len(request.prompt.encode("utf-8", "surrogatepass")) + \
+                len(request.system_prompt.encode("utf-8", "surrogatepass"))
+            if size > limit:
+                return (f"prompt is too large: {size} bytes (with its system prompt) > "
+                        f"max_prompt_bytes {limit}")
         try:
             job.params = request.sampling.resolve(self._config.defaults)
         except SlmError as exc:
@@ -269,7 +310,7 @@ class Engine:
         rid = job.request.request_id
         pending = list(self._active) + list(self._queue)
         if any(j.request.request_id == rid for j in pending):
-            return f"duplicate request_id {rid!r}: a request with this id is still queued or running"
+            return f"{DUPLICATE_ID} {rid!r}: a request with this id is still queued or running"
         # Full when max_queue requests wait and no worker is free to take one more at once.
         if len(self._queue) >= self._config.max_queue and len(pending) >= self._workers:
             return (f"queue full: {len(self._queue)} requests waiting (max_queue="
@@ -288,6 +329,16 @@ class Engine:
                     return
                 job = self._queue.popleft()
                 self._active.add(job)
+            timeout = self._config.request_timeout_s
+            if timeout:
+                left = job.t_accept + timeout - time.monotonic()
+                if left <= 0:
+                    job.abort_reason = f"request_timeout_s ({timeout:g} s) passed while it waited"
+                    job.cancel.set()
+                else:
+                    job.deadline = threading.Timer(left, self._expire, (job,))
+                    job.deadline.daemon = True
+                    job.deadline.start()
             try:
                 if isinstance(self._backend, TextStreamBackend):
                     self._run_text(job)
@@ -298,8 +349,15 @@ class Engine:
                 self.counters.failed += 1
                 job.fail(f"generation failed: {type(exc).__name__}: {exc}")
             finally:
+                if job.deadline is not None:
+                    job.deadline.cancel()
                 with self._lock:
                     self._active.discard(job)
+
+    def _expire(self, job: _Job) -> None:
+        """The request timeout of a running request passed: stop it with an error."""
+        job.abort_reason = f"request_timeout_s ({self._config.request_timeout_s:g} s) passed"
+        job.cancel.set()
 
     def _run(self, job: _Job) -> None:
         request, params, backend = job.request, job.params, self._backend
@@ -450,8 +508,8 @@ class Engine:
                      stats=stats or self._stats(job, prompt_tokens, n, t_start))
             return
         self.counters.cancelled += 1
-        job.finish(tail, finish_reason=FinishReason.CANCELLED,
-                 stats=stats or self._stats(job, prompt_tokens, n, t_start))
+        job.finish(tail, finish_reason=FinishReason.CANCELLED, error=job.cancel_note,
+                   stats=stats or self._stats(job, prompt_tokens, n, t_start))
 
     @staticmethod
     def _stats(job: _Job, prompt_tokens: int, n: int, t_start: Optional[float] = None,

@@ -21,6 +21,10 @@ class FinishReason(str, enum.Enum):
     ERROR = "error"
 
 
+#: Temperatures below this decode greedily (see :attr:`SamplingParams.greedy`).
+GREEDY_TEMPERATURE = 1e-3
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """Fully resolved sampling settings for one generation.
@@ -48,8 +52,11 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        """True when decoding picks the most likely token every step."""
-        return self.temperature == 0.0 or self.top_k == 1
+        """True when decoding picks the most likely token every step: ``top_k == 1`` or a
+        temperature below :data:`GREEDY_TEMPERATURE` (0 included). Dividing logits by a temperature
+        that small overflows them (1e-38 gave "ectableectable..."), and the most likely token gets
+        all the probability anyway."""
+        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
 
 
 @dataclasses.dataclass(frozen=True)

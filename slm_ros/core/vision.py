@@ -210,6 +210,49 @@ def decode_compressed(format: str, data: Buffer) -> np.ndarray:  # noqa: A002 - 
     return image
 
 
+def compressed_dimensions(data: Buffer) -> Optional[Tuple[int, int]]:
+    """(width, height) a PNG or JPEG declares in its header, read without decoding; None when the
+    header does not say (not PNG/JPEG, truncated)."""
+    buf = _as_bytes_array(data)
+    head = buf[:32].tobytes()
+    if head.startswith(_PNG_MAGIC) and head[12:16] == b"IHDR":
+        return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    if not head.startswith(_JPEG_MAGIC):
+        return None
+    i, n = 2, buf.size
+    while i + 9 < n:   # walk the marker segments up to the frame header (SOFn)
+        if buf[i] != 0xFF:
+            return None
+        marker = int(buf[i + 1])
+        if marker == 0xFF:   # fill byte
+            i += 1
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            height = int(buf[i + 5]) << 8 | int(buf[i + 6])
+            width = int(buf[i + 7]) << 8 | int(buf[i + 8])
+            return width, height
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:   # no length field
+            i += 2
+            continue
+        i += 2 + (int(buf[i + 2]) << 8 | int(buf[i + 3]))
+    return None
+
+
+def check_size(frame: "Frame", max_pixels: int = 0, max_bytes: int = 0) -> None:
+    """Refuse a frame larger than the limits before decoding it (0 = no limit): its data's byte
+    size, and the pixels its header declares (raw: width x height; PNG/JPEG: read from the file
+    header). A 656 KB PNG declaring 15000x15000 would take ~675 MB to decode."""
+    size = _as_bytes_array(frame.data).size
+    if max_bytes and size > max_bytes:
+        raise ImageError(f"image of {size} bytes is larger than max_image_bytes ({max_bytes}); "
+                         f"refused before decoding")
+    dims = ((frame.width, frame.height) if isinstance(frame, RawImage)
+            else compressed_dimensions(frame.data))
+    if max_pixels and dims and dims[0] * dims[1] > max_pixels:
+        raise ImageError(f"image of {dims[0]}x{dims[1]} = {dims[0] * dims[1]} pixels is larger than "
+                         f"max_image_pixels ({max_pixels}); refused before decoding")
+
+
 def check_fit(policy: str, max_side: int) -> None:
     """Validate the resize settings (node parameters); raises :class:`ConfigError`."""
     if policy not in FIT_POLICIES:

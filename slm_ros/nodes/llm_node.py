@@ -28,7 +28,11 @@ from slm_ros.core.types import Chunk, FinishReason
 from slm_ros.msg import GenerateRequest, TokenChunk
 from slm_ros.ros import qos
 from slm_ros.ros.conversions import request_from_msg, request_from_prompt, stats_to_msg
+from slm_ros.ros.diagnostics import shorten
 from slm_ros.ros.model_node import GoalRun, ModelNode, model_parameters, run
+
+#: Seconds between two log lines about cancels of unknown request ids (a flood is one line).
+CANCEL_LOG_S = 5.0
 
 PARAMETERS = model_parameters(
     available_backends("text"), "default",
@@ -66,24 +70,21 @@ class LlmNode(ModelNode):
 
     # -- requests --------------------------------------------------------------------------------
 
-    def _sink(self, goal_handle=None, done: Optional[threading.Event] = None, out: Optional[list] = None):
+    def _sink(self, goal_handle=None, done: Optional[threading.Event] = None,
+              out: Optional[list] = None):
         """Chunk consumer for one request: publishes on ``tokens`` (and as goal feedback), and on
-        the final chunk publishes ``response`` and wakes a waiting goal."""
+        the final chunk publishes ``response`` and wakes a waiting goal (see goal_sink)."""
         texts = []
 
         def sink(chunk: Chunk) -> None:
-            self.publish_chunk(chunk, self._tokens_pub, goal_handle, Generate.Feedback)
             texts.append(chunk.text)
-            if chunk.is_final:
-                text = "".join(texts)
-                if chunk.finish_reason is not FinishReason.ERROR:
-                    self._response_pub.publish(String(data=text))
-                if out is not None:
-                    out.append((chunk, text))
-                if done is not None:
-                    done.set()
+            if chunk.is_final and out is not None:
+                out.append((chunk, "".join(texts)))
+            self.publish_chunk(chunk, self._tokens_pub, goal_handle, Generate.Feedback)
+            if chunk.is_final and chunk.finish_reason is not FinishReason.ERROR:
+                self._response_pub.publish(String(data="".join(texts)))
 
-        return sink
+        return self.goal_sink(sink, done)
 
     def _on_prompt(self, msg: String) -> None:
         self._engine.submit(request_from_prompt(msg.data), self._sink())
@@ -98,8 +99,11 @@ class LlmNode(ModelNode):
         self._engine.submit(request, sink)
 
     def _on_cancel_topic(self, msg: String) -> None:
-        if not self._engine.cancel(msg.data.strip()):
-            self.get_logger().warning(f"cancel: no queued or running request {msg.data.strip()!r}")
+        request_id = msg.data.strip()
+        if not self._engine.cancel(request_id):
+            self.get_logger().warning(
+                f"cancel: no queued or running request {shorten(request_id, 80)!r} (such lines "
+                f"at most every {CANCEL_LOG_S:g} s)", throttle_duration_sec=CANCEL_LOG_S)
 
     def _start_goal(self, goal_handle) -> GoalRun:
         """Submit the goal's request (see ModelNode.create_generation_action)."""
@@ -112,13 +116,16 @@ class LlmNode(ModelNode):
             engine.reject(f"invalid request: {exc}", sink, goal_handle.request.request.request_id,
                           goal_handle.request.request.session_id)
         else:
-            self.track_goal(goal_handle, request.request_id)
+            # Tracked under the id the engine runs it as (a duplicate id is refused under another
+            # one: a cancel of this goal must never reach the other request).
+            request_id = engine.submit(request, sink)
+            self.track_goal(goal_handle, request_id)
             if goal_handle.is_cancel_requested:  # cancelled before we knew its request id
-                engine.cancel(request.request_id)
-            engine.submit(request, sink)
+                engine.cancel(request_id)
         return GoalRun(done, out, lambda chunk, text: Generate.Result(
             request_id=chunk.request_id, text=text, finish_reason=chunk.finish_reason.value,
-            error=chunk.error, stats=stats_to_msg(chunk.stats)))
+            error=chunk.error, stats=stats_to_msg(chunk.stats)),
+            lambda error: Generate.Result(finish_reason=FinishReason.ERROR.value, error=error))
 
 
 def main(args=None) -> int:

@@ -37,10 +37,11 @@ from slm_ros.backends.registry import available_backends
 from slm_ros.core.errors import ConfigError, ImageError, SlmError
 from slm_ros.core.types import Chunk, FinishReason, Request, SamplingOverrides
 from slm_ros.core.vision import (FIT_POLICIES, EncodedImage, FrameSlot, RawImage, check_fit,
-                                 check_frame, fit_image)
+                                 check_frame, check_size, fit_image)
 from slm_ros.msg import TokenChunk, VisionAnswer
 from slm_ros.ros import qos
-from slm_ros.ros.conversions import sampling_from_msg, stats_to_msg
+from slm_ros.ros.conversions import sampling_from_msg, stamp_from_ns, stamp_ns, stats_to_msg
+from slm_ros.ros.diagnostics import shorten
 from slm_ros.ros.model_node import GoalRun, ModelNode, model_parameters, run
 from slm_ros.ros.params import ParamSpec
 
@@ -72,6 +73,13 @@ PARAMETERS = model_parameters(
               "checkpoint's. For SmolVLM on a CPU: {\"do_image_splitting\": false, \"size\": "
               "{\"longest_edge\": 512}} (one 512 px view instead of up to 17 tiles: ~10x less "
               "prefill). Empty = the checkpoint's settings."),
+    ParamSpec("max_image_pixels", 4096 * 4096,
+              "Frames (camera or goal) with more pixels than this (width x height, read from the "
+              "message or the PNG/JPEG header) are refused before decoding, with an error naming "
+              "the limit; 0 = no limit.", int_range=(0, 1 << 40)),
+    ParamSpec("max_image_bytes", 64 << 20,
+              "Frames (camera or goal) whose data is larger than this many bytes are refused "
+              "before decoding; 0 = no limit.", int_range=(0, 1 << 40)),
     ParamSpec("periodic_question", "",
               "Asked about the newest frame at rate_hz (empty = periodic mode off)."),
     ParamSpec("rate_hz", 0.0,
@@ -165,11 +173,11 @@ class VisionNode(ModelNode):
     def _on_image(self, msg: Image) -> None:
         self._store(RawImage(encoding=msg.encoding, width=msg.width, height=msg.height,
                              step=msg.step, data=msg.data, is_bigendian=bool(msg.is_bigendian),
-                             stamp_ns=_stamp_ns(msg.header.stamp), frame_id=msg.header.frame_id))
+                             stamp_ns=stamp_ns(msg.header.stamp), frame_id=msg.header.frame_id))
 
     def _on_compressed(self, msg: CompressedImage) -> None:
         self._store(EncodedImage(format=msg.format, data=msg.data,
-                                 stamp_ns=_stamp_ns(msg.header.stamp),
+                                 stamp_ns=stamp_ns(msg.header.stamp),
                                  frame_id=msg.header.frame_id))
 
     def _store(self, frame) -> None:
@@ -199,12 +207,13 @@ class VisionNode(ModelNode):
                 frame = RawImage(encoding=goal_image.encoding, width=goal_image.width,
                                  height=goal_image.height, step=goal_image.step,
                                  data=goal_image.data, is_bigendian=bool(goal_image.is_bigendian),
-                                 stamp_ns=_stamp_ns(goal_image.header.stamp),
+                                 stamp_ns=stamp_ns(goal_image.header.stamp),
                                  frame_id=goal_image.header.frame_id)
             else:
                 frame = self._wait_for_frame(p["no_frame_timeout_s"])
                 frame = self._slot.take(p["max_frame_age_ms"] / 1000.0)
             record["frame"] = frame
+            check_size(frame, p["max_image_pixels"], p["max_image_bytes"])
             self.frames_decoded += 1
             now_ns = self.get_clock().now().nanoseconds
             record["age_ms"] = ((now_ns - frame.stamp_ns) / 1e6 if frame.stamp_ns
@@ -231,29 +240,38 @@ class VisionNode(ModelNode):
         texts = []
 
         def sink(chunk: Chunk) -> None:
-            self.publish_chunk(chunk, self._tokens_pub, goal_handle, AskImage.Feedback)
             texts.append(chunk.text)
+            answer = None
             if chunk.is_final:
                 answer = self._answer(chunk, question, "".join(texts), record)
-                self._answer_pub.publish(answer)
                 if out is not None:
                     out.append((chunk, answer))
-                if done is not None:
-                    done.set()
+            self.publish_chunk(chunk, self._tokens_pub, goal_handle, AskImage.Feedback)
+            if answer is not None:
+                self._answer_pub.publish(answer)
 
-        return sink
+        return self.goal_sink(sink, done)
 
     def _answer(self, chunk: Chunk, question: str, text: str, record: dict) -> VisionAnswer:
-        answer = VisionAnswer(request_id=chunk.request_id, question=question, text=text,
-                              finish_reason=chunk.finish_reason.value, error=chunk.error)
-        frame = record.get("frame")
-        if frame is not None:
-            answer.header.stamp.sec, answer.header.stamp.nanosec = divmod(frame.stamp_ns, 10**9)
-            answer.header.frame_id = frame.frame_id
-            answer.frame_age_ms = float(record.get("age_ms", 0.0))
-        if chunk.stats is not None:
-            answer.stats = stats_to_msg(chunk.stats)
-        return answer
+        """The VisionAnswer of a final chunk; if building it fails (a frame field a message cannot
+        hold), an error answer naming the problem, so the question is still answered."""
+        try:
+            answer = VisionAnswer(request_id=chunk.request_id, question=question, text=text,
+                                  finish_reason=chunk.finish_reason.value, error=chunk.error)
+            frame = record.get("frame")
+            if frame is not None:
+                answer.header.stamp.sec, answer.header.stamp.nanosec = stamp_from_ns(
+                    frame.stamp_ns)
+                answer.header.frame_id = frame.frame_id
+                answer.frame_age_ms = float(record.get("age_ms", 0.0))
+            if chunk.stats is not None:
+                answer.stats = stats_to_msg(chunk.stats)
+            return answer
+        except Exception as exc:  # noqa: BLE001 - the question must be answered whatever the frame
+            error = f"could not build the answer: {type(exc).__name__}: {shorten(exc)}"
+            self.get_logger().error(f"request {chunk.request_id}: {error}")
+            return VisionAnswer(request_id=chunk.request_id, question=question, text=text,
+                                finish_reason=FinishReason.ERROR.value, error=error)
 
     def _submit(self, question: str, sink_factory, request_id: str = "", session_id: str = "",
                 sampling=None, goal_image: Optional[Image] = None, periodic: bool = False):
@@ -317,7 +335,10 @@ class VisionNode(ModelNode):
                      goal_image=image)
         if goal_handle.is_cancel_requested and self._engine is not None:
             self._engine.cancel(request_id)
-        return GoalRun(done, out, lambda _chunk, answer: AskImage.Result(answer=answer))
+        return GoalRun(done, out, lambda _chunk, answer: AskImage.Result(answer=answer),
+                       lambda error: AskImage.Result(answer=VisionAnswer(
+                           request_id=request_id, question=goal.question,
+                           finish_reason=FinishReason.ERROR.value, error=error)))
 
 
 def _processor_options(text: str) -> dict:
@@ -331,10 +352,6 @@ def _processor_options(text: str) -> dict:
     if not isinstance(value, dict):
         raise ConfigError(f"processor_options must be a JSON object, got {text!r}")
     return value
-
-
-def _stamp_ns(stamp) -> int:
-    return int(stamp.sec) * 10**9 + int(stamp.nanosec)
 
 
 def main(args=None) -> int:

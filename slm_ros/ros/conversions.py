@@ -67,3 +67,24 @@ def chunk_to_msg(chunk: Chunk, stamp) -> TokenChunk:
     if chunk.stats is not None:
         msg.stats = stats_to_msg(chunk.stats)
     return msg
+
+
+#: builtin_interfaces/Time.sec is an int32.
+_SEC_MIN, _SEC_MAX = -(1 << 31), (1 << 31) - 1
+
+
+def stamp_ns(stamp) -> int:
+    """A ``builtin_interfaces/Time`` as integer nanoseconds (Python ints: no overflow, also for a
+    nanosec field beyond 10^9 that a careless publisher sent)."""
+    return int(stamp.sec) * 10**9 + int(stamp.nanosec)
+
+
+def stamp_from_ns(ns: int):
+    """``(sec, nanosec)`` for a ``builtin_interfaces/Time``: saturated to what an int32 ``sec``
+    holds, so a stamp at the end of time never fails (or wraps) on the way back out."""
+    sec, nanosec = divmod(int(ns), 10**9)
+    if sec > _SEC_MAX:
+        return _SEC_MAX, 10**9 - 1
+    if sec < _SEC_MIN:
+        return _SEC_MIN, 0
+    return sec, nanosec

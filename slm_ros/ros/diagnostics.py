@@ -73,6 +73,19 @@ class ModelNodeSample:
     extra: KeyValues = ()           # node-specific values (e.g. camera frames)
 
 
+#: Longest text a status carries in its message or a value: statuses repeat every second, and a
+#: parameter value of a megabyte (a pasted prompt as `model`) would otherwise go out each time.
+MAX_TEXT = 512
+
+
+def shorten(text: str, limit: int = MAX_TEXT) -> str:
+    """``text`` cut to ``limit`` characters, saying how long it was."""
+    text = str(text)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _mb(n: int) -> str:
     return f"{n / (1 << 20):.0f}"
 
@@ -214,9 +227,9 @@ class DiagnosticsPublisher:
 
 def to_status(health: Health, name: str, hardware_id: str = "") -> DiagnosticStatus:
     """A :class:`Health` as a DiagnosticStatus message."""
-    return DiagnosticStatus(level=bytes([health.level]), name=name, message=health.message,
-                            hardware_id=hardware_id,
-                            values=[KeyValue(key=k, value=v) for k, v in health.values])
+    return DiagnosticStatus(level=bytes([health.level]), name=shorten(name),
+                            message=shorten(health.message), hardware_id=shorten(hardware_id),
+                            values=[KeyValue(key=k, value=shorten(v)) for k, v in health.values])
 
 
 def values_of(status: DiagnosticStatus) -> dict:
@@ -232,4 +245,4 @@ def level_of(status: DiagnosticStatus) -> int:
 
 __all__: Sequence[str] = ("OK", "WARN", "ERROR", "Health", "ModelNodeSample", "model_node_health",
                           "builder_health", "DiagnosticsPublisher", "to_status", "values_of",
-                          "level_of", "process_rss_bytes", "gpu_used_bytes")
+                          "level_of", "process_rss_bytes", "gpu_used_bytes", "shorten")

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 import traceback
-from typing import Callable, Dict, Optional, Sequence, Tuple, Type
+from typing import Callable, Dict, FrozenSet, Optional, Sequence, Tuple, Type
 
 import rclpy
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
-from rclpy.callback_groups import ReentrantCallbackGroup
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 
@@ -30,6 +31,7 @@ from slm_ros.models import DEFAULT_MODEL, ResolvedModel, resolve_model
 from slm_ros.ros import diagnostics, qos
 from slm_ros.ros.builder_wait import wait_for_engine
 from slm_ros.ros.conversions import chunk_to_msg
+from slm_ros.ros.lifecycle_guard import guard_change_state
 from slm_ros.ros.outcome import finish_goal
 from slm_ros.ros.params import ParamSpec, declare_all, values
 
@@ -86,6 +88,26 @@ def model_parameters(backends: Sequence[str], default_model: str,
                   "Context window used (prompt + answer); 0 = the model's own. History is trimmed "
                   "oldest-first to fit; a prompt that alone does not fit is refused.",
                   int_range=(0, 1 << 24)),
+        ParamSpec("max_prompt_bytes", 262_144,
+                  "Requests whose prompt and system prompt take more UTF-8 bytes than this are "
+                  "refused before tokenizing (error chunk naming the limit); 0 = no limit.",
+                  int_range=(0, 1 << 31)),
+        ParamSpec("request_timeout_s", 0.0,
+                  "A request still unfinished this many seconds after it was accepted (queue wait "
+                  "included) is stopped with an error chunk: a backstop for requests whose client "
+                  "is gone without a trace (topic requests; goals are also watched, see "
+                  "goal_client_check_s). 0 = off.", float_range=(0.0, 86400.0)),
+        ParamSpec("goal_result_timeout_s", 30.0,
+                  "Seconds a finished goal's result (its request, prompt or image included) is kept "
+                  "for clients that ask for it late; rclpy's default keeps it 15 minutes. rclpy "
+                  "clients ask as soon as the goal is accepted. Read at configure.",
+                  float_range=(1.0, 86400.0)),
+        ParamSpec("goal_client_check_s", 1.0,
+                  "How often running and queued goals are checked for a client that left the ROS "
+                  "graph (a killed process): its goals are cancelled (final chunk: cancelled, with "
+                  "the reason). DDS notices a killed participant when its lease expires (Fast DDS: "
+                  "20 s by default; see README 'Clients that die'). 0 = no check.",
+                  float_range=(0.0, 3600.0)),
         ParamSpec("stream_interval_ms", 0,
                   "Shortest time between two streamed chunks of one request: text generated "
                   "meanwhile goes out together in the next chunk (fewer messages at high token "
@@ -147,7 +169,9 @@ def engine_config_from_params(p: Dict) -> EngineConfig:
         return EngineConfig(defaults=defaults, system_prompt=p["system_prompt"],
                             max_queue=p["max_queue"], max_history_turns=p["max_history_turns"],
                             max_context_tokens=p["max_context_tokens"],
-                            stream_interval_ms=p["stream_interval_ms"])
+                            stream_interval_ms=p["stream_interval_ms"],
+                            max_prompt_bytes=p["max_prompt_bytes"],
+                            request_timeout_s=p["request_timeout_s"])
     except SlmError as exc:
         raise type(exc)(f"invalid parameter: {exc}") from exc
 
@@ -157,15 +181,25 @@ def remote_config_from_params(p: Dict) -> RemoteConfig:
     return RemoteConfig(**{f.name: p[f"remote.{f.name}"] for f in dataclasses.fields(RemoteConfig)})
 
 
+#: Longest parameter-derived text a log line repeats (a 1 MB `model` value is not logged whole).
+LOG_TEXT = 2000
+
+#: Seconds a lifecycle shutdown/cleanup waits for running goals to be answered before the action
+#: server goes away (their requests were stopped; this is only the result's way out).
+GOAL_DRAIN_S = 5.0
+
+
 @dataclasses.dataclass
 class GoalRun:
     """A goal's request handed to the engine: its sink sets ``done`` on the final chunk, after
     appending ``(final chunk, value)`` to ``out``; ``result(chunk, value)`` builds the action's
-    result from them."""
+    result from them. ``failed(message)`` builds the result of a goal whose final chunk could
+    not be delivered (``out`` empty when ``done`` is set)."""
 
     done: threading.Event
     out: list
     result: Callable[[object, object], object]
+    failed: Callable[[str], object]
 
 
 class ModelNode(LifecycleNode):
@@ -190,7 +224,12 @@ class ModelNode(LifecycleNode):
         self._goal_group = ReentrantCallbackGroup()
         self._goal_requests: Dict[bytes, str] = {}
         self._goal_runs: Dict[bytes, Optional[GoalRun]] = {}
+        # Goal id -> the participants (DDS GUID prefixes) subscribed to the action's feedback
+        # when it was accepted: the client that sent it is one of them (see _check_goal_clients).
+        self._goal_clients: Dict[bytes, FrozenSet[bytes]] = {}
+        self._executing = 0          # execute callbacks not yet returned
         self._goal_lock = threading.Lock()
+        self._feedback_topic = ""
         self._action_server: Optional[ActionServer] = None
         self._model_label = ""
         self._configure_error = ""
@@ -198,6 +237,7 @@ class ModelNode(LifecycleNode):
         self._diagnostics = diagnostics.DiagnosticsPublisher(
             self, f"{self.get_fully_qualified_name()}: {self.diagnostic_task}",
             self._health).start()
+        guard_change_state(self)
 
     @property
     def autostart(self) -> bool:
@@ -238,6 +278,7 @@ class ModelNode(LifecycleNode):
         executor callback that accepted it: generation does not wait for the executor to dispatch
         the execute callback (1-3 ms on a small CPU), which only waits for the final chunk, ends
         the goal and returns its result."""
+        p = self.params()
         self._action_server = ActionServer(
             self, action_type, name, execute_callback=self._execute_goal,
             goal_callback=lambda _goal: GoalResponse.ACCEPT,
@@ -246,7 +287,52 @@ class ModelNode(LifecycleNode):
             feedback_pub_qos_profile=qos.ACTION_FEEDBACK,
             goal_service_qos_profile=qos.ACTION_SERVICES,
             result_service_qos_profile=qos.ACTION_SERVICES,
-            cancel_service_qos_profile=qos.ACTION_SERVICES)
+            cancel_service_qos_profile=qos.ACTION_SERVICES,
+            result_timeout=max(1, round(p["goal_result_timeout_s"])))
+        self._feedback_topic = f"{self.resolve_topic_name(name)}/_action/feedback"
+        if p["goal_client_check_s"] > 0:
+            self._entities.append(self.create_timer(
+                p["goal_client_check_s"], self._check_goal_clients,
+                callback_group=MutuallyExclusiveCallbackGroup()))
+
+    def _action_clients(self) -> FrozenSet[bytes]:
+        """The participants (12-byte DDS GUID prefixes of the endpoint GIDs) with a subscription to
+        the action's feedback topic: every rclpy/rclcpp action client has one."""
+        return frozenset(bytes(info.endpoint_gid)[:12]
+                         for info in self.get_subscriptions_info_by_topic(self._feedback_topic))
+
+    def _check_goal_clients(self) -> None:
+        """Cancel the goals whose client left the ROS graph (timer, ``goal_client_check_s``).
+
+        The action server does not say which participant sent a goal (rclpy exposes no request
+        writer GUID), so a goal remembers the action clients present when it was accepted; it is
+        orphaned once none of them is left. With one client at a time (a robot's executive) that
+        is exactly its client; with several, a goal outlives a dead client while another one
+        stays, and ``request_timeout_s`` is the backstop. DDS drops a killed participant when its
+        lease expires (Fast DDS default 20 s, 3 s with config/fastdds/short_lease.xml)."""
+        with self._goal_lock:
+            watched = dict(self._goal_clients)
+        if not watched or self._engine is None:
+            return
+        present = self._action_clients()
+        orphaned = []
+        with self._goal_lock:
+            for key, candidates in watched.items():
+                if key not in self._goal_clients:
+                    continue
+                if not candidates:   # accepted before its client's endpoints were discovered
+                    if present:
+                        self._goal_clients[key] = present
+                elif not candidates & present:
+                    del self._goal_clients[key]
+                    orphaned.append(self._goal_requests.get(key))
+        engine = self._engine
+        cancelled = [rid for rid in orphaned if rid and engine is not None and engine.cancel(
+            rid, note="cancelled by the node: the goal's action client left the ROS graph")]
+        if cancelled:
+            self.get_logger().warning(
+                f"{len(cancelled)} goal(s) cancelled: their action client left the ROS graph "
+                f"(requests {', '.join(cancelled[:5])}{' ...' if len(cancelled) > 5 else ''})")
 
     def publish_chunk(self, chunk, tokens_pub, goal_handle=None, feedback_type=None) -> None:
         """Publish one engine chunk: as the goal's feedback first (its waiting client is the
@@ -256,6 +342,8 @@ class ModelNode(LifecycleNode):
         The topic is volatile, so a publication with no matched subscriber reaches nobody; skipping
         it saves its conversion and write (~50 us a chunk on a small CPU, measured), which on a
         machine whose cores all run the model comes out of decoding."""
+        if not self.context.ok():   # Ctrl-C / SIGTERM: the engine is being stopped, nobody to tell
+            return
         msg = chunk_to_msg(chunk, self.get_clock().now().to_msg())
         if goal_handle is not None:
             goal_handle.publish_feedback(feedback_type(chunk=msg))
@@ -269,23 +357,51 @@ class ModelNode(LifecycleNode):
             self.get_logger().error(f"goal {bytes(goal_handle.goal_id.uuid).hex()} could not "
                                     f"start: {type(exc).__name__}: {exc}")
             run = None
+        key = bytes(goal_handle.goal_id.uuid)
+        clients = self._action_clients() if self._feedback_topic else frozenset()
         with self._goal_lock:
-            self._goal_runs[bytes(goal_handle.goal_id.uuid)] = run
+            self._goal_runs[key] = run
+            self._goal_clients[key] = clients
+            self._executing += 1
         goal_handle.execute()   # EXECUTING; schedules _execute_goal
 
     def _execute_goal(self, goal_handle):
         key = bytes(goal_handle.goal_id.uuid)
-        with self._goal_lock:
-            run = self._goal_runs.pop(key)
-        if run is None:   # start failed (logged)
-            goal_handle.abort()
-            return self._action_server.action_type.Result()
-        run.done.wait()
-        with self._goal_lock:
-            self._goal_requests.pop(key, None)
-        chunk, value = run.out[0]
-        finish_goal(goal_handle, chunk.finish_reason)
-        return run.result(chunk, value)
+        try:
+            with self._goal_lock:
+                run = self._goal_runs.pop(key)
+            if run is None:   # start failed (logged)
+                goal_handle.abort()
+                return self._action_server.action_type.Result()
+            run.done.wait()
+            if not run.out:   # the final chunk could not be delivered (logged by the engine)
+                goal_handle.abort()
+                return run.failed("the node failed while delivering this goal's result; see its "
+                                  "log")
+            chunk, value = run.out[0]
+            finish_goal(goal_handle, chunk.finish_reason)
+            return run.result(chunk, value)
+        finally:
+            with self._goal_lock:
+                self._goal_requests.pop(key, None)
+                self._goal_clients.pop(key, None)
+                self._executing -= 1
+
+    def goal_sink(self, sink: Callable, done: Optional[threading.Event]) -> Callable:
+        """``sink`` for a goal's request that sets ``done`` after the final chunk whatever
+        ``sink`` does with it (raises included), so the goal always ends and its executor thread
+        is released."""
+        if done is None:
+            return sink
+
+        def deliver(chunk) -> None:
+            try:
+                sink(chunk)
+            finally:
+                if chunk.is_final:
+                    done.set()
+
+        return deliver
 
     def track_goal(self, goal_handle, request_id: str) -> None:
         """Remember which request a goal runs, so a goal cancel reaches the engine."""
@@ -324,9 +440,10 @@ class ModelNode(LifecycleNode):
         try:
             result = self._configure(log)
         except Exception as exc:  # noqa: BLE001 - rclpy drops transition exceptions silently
-            log.error(f"configure failed unexpectedly: {type(exc).__name__}: {exc}\n"
-                      f"{traceback.format_exc()}")
-            self._configure_error = f"{type(exc).__name__}: {exc}"
+            log.error(f"configure failed unexpectedly: {type(exc).__name__}: "
+                      f"{diagnostics.shorten(exc, LOG_TEXT)}\n"
+                      f"{diagnostics.shorten(traceback.format_exc(), 4 * LOG_TEXT)}")
+            self._configure_error = diagnostics.shorten(f"{type(exc).__name__}: {exc}")
             self._release()
             result = TransitionCallbackReturn.ERROR
         self._diagnostics.publish_now()
@@ -334,8 +451,8 @@ class ModelNode(LifecycleNode):
 
     def configure_failed(self, log, reason: str) -> TransitionCallbackReturn:
         """Log why configure failed, keep it for /diagnostics, and return FAILURE."""
-        log.error(f"configure failed: {reason}")
-        self._configure_error = reason
+        log.error(f"configure failed: {diagnostics.shorten(reason, LOG_TEXT)}")
+        self._configure_error = diagnostics.shorten(reason)
         return TransitionCallbackReturn.FAILURE
 
     def _configure(self, log) -> TransitionCallbackReturn:
@@ -433,18 +550,29 @@ class ModelNode(LifecycleNode):
         super().destroy_node()
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._release()
+        self._release("the node was cleaned up (lifecycle cleanup)")
         return TransitionCallbackReturn.SUCCESS
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._release()
+        self._release("the node was shut down (lifecycle shutdown)")
         return TransitionCallbackReturn.SUCCESS
 
-    def _release(self) -> None:
-        """Stop serving and free the model (idempotent)."""
+    def _release(self, reason: str = "the node is shutting down") -> None:
+        """Stop serving and free the model (idempotent). Running goals are answered (an error
+        naming ``reason``) before the action server goes away, while the executor still spins."""
+        answering = self._executing   # before stop: the goals' execute callbacks end with it
         if self._engine is not None:
-            self._engine.stop("the node is shutting down")
+            self._engine.stop(reason)
             self._engine = None
+        if self._action_server is not None and answering and self.context.ok():
+            deadline = time.monotonic() + GOAL_DRAIN_S
+            while self._executing and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if self._executing:
+                self.get_logger().warning(f"{self._executing} goal(s) not answered within "
+                                          f"{GOAL_DRAIN_S:g} s of stopping")
+            else:
+                time.sleep(0.2)   # rclpy sends a finished goal's result from an executor task
         self.destroy_interfaces()
         if self._action_server is not None:
             self._action_server.destroy()
