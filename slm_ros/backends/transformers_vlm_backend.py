@@ -6,12 +6,16 @@ ids (image placeholders expanded to the number of image tokens) and pixel tensor
 :meth:`TransformersVlmBackend.apply_chat_template` returns them as a
 :class:`~slm_ros.backends.base.Prompt`, and :meth:`TransformersVlmBackend.generate` streams new
 tokens from ``model.generate`` on a worker thread exactly as the text backend does (same streamer,
-same cancel criterion: a cancel stops within one token).
+same cancel: within one module call during the prompt's forward pass, vision tower included, then
+within one token; see :mod:`slm_ros.backends.transformers_backend`).
 
 Conversations in the engine are plain ``{"role", "content": str}`` messages; they are rewritten into
 the content-parts form multimodal chat templates expect (``[{"type": "image"}, {"type": "text",
 "text": ...}]``), with the images placed in the last user message. Questions without an image work
 too (earlier turns of a session are text only, and so is :meth:`Backend.warmup`'s default).
+Control-token strings typed in the text (``<image>``, ``<|im_end|>``, ...) are tokenized as text,
+not as the tokens the template and the processor write
+(:class:`~slm_ros.backends.hf_tokenizer.LiteralControlTokens`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 from slm_ros.backends.base import Backend, BackendConfig, Prompt
+from slm_ros.backends.hf_tokenizer import LiteralControlTokens, hf_control_tokens, hf_encode_literal
 from slm_ros.backends.transformers_backend import (
     resolve_device,
     resolve_dtype,
@@ -132,6 +137,8 @@ class TransformersVlmBackend(Backend):
         self._dtype = torch.float32
         self._context = 0
         self._eos: FrozenSet[int] = frozenset()
+        self._literal = LiteralControlTokens({})
+        self._processor_tokens: FrozenSet[str] = frozenset()
         self._info: dict = {}
 
     # -- loading -----------------------------------------------------------------------------------
@@ -201,6 +208,12 @@ class TransformersVlmBackend(Backend):
             limit = min(limit, config.max_context_tokens)
 
         self._model, self._processor, self._tokenizer = model, processor, tokenizer
+        controls = hf_control_tokens(tokenizer)
+        self._literal = LiteralControlTokens(controls)
+        # Control tokens the processor itself looks for in the text (image placeholders): never
+        # the stand-in for literal text.
+        self._processor_tokens = frozenset(
+            v for v in vars(processor).values() if isinstance(v, str) and v in controls)
         self._template, self._image_options = template, options
         self._device, self._dtype = device, dtype
         self._context, self._eos = limit, frozenset(eos)
@@ -253,8 +266,9 @@ class TransformersVlmBackend(Backend):
         ``images`` (RGB uint8 arrays, H x W x 3) go into the last user message, in order.
         """
         pil = [_to_pil(image, i) for i, image in enumerate(images)]
-        conversation = to_content_parts(messages, len(pil))
-        processor = self._processor
+        processor, tokenizer = self._processor, self._tokenizer
+        # Control-token strings typed in the text (an image placeholder among them) stay text.
+        conversation, brackets = self._literal.mark(to_content_parts(messages, len(pil)))
         try:
             text = processor.apply_chat_template(conversation, add_generation_prompt=True,
                                                  tokenize=False, chat_template=self._template)
@@ -263,22 +277,33 @@ class TransformersVlmBackend(Backend):
             raise RequestError(f"the chat template of {self._info.get('model')} refused the "
                                f"conversation: {exc}") from exc
         # Templates that write the BOS token themselves must not get a second one.
-        bos = self._tokenizer.bos_token
+        bos = tokenizer.bos_token
         kwargs: Dict[str, Any] = {"add_special_tokens": not (bos and text.startswith(bos))}
         if pil:
             kwargs.update(self._image_options)
-        try:
-            out = processor(text=text, images=pil or None, return_tensors="pt", **kwargs)
-        except (ValueError, TypeError, RuntimeError) as exc:
-            sizes = ", ".join(f"{im.width}x{im.height}" for im in pil) or "none"
-            raise RequestError(f"the {type(processor).__name__} of {self._info.get('model')} "
-                               f"could not prepare the prompt (images: {sizes}): {exc}") from exc
-        ids = out.pop("input_ids")[0].tolist()
-        out.pop("attention_mask", None)   # one unpadded sequence: generate() makes it all ones
-        return Prompt(ids, dict(out))
+        inputs: Dict[str, Any] = {}
+
+        def encode(prompt: str) -> List[int]:
+            # The processor expands the image placeholders and makes the pixel inputs.
+            try:
+                out = processor(text=prompt, images=pil or None, return_tensors="pt", **kwargs)
+            except (ValueError, TypeError, RuntimeError) as exc:
+                sizes = ", ".join(f"{im.width}x{im.height}" for im in pil) or "none"
+                raise RequestError(
+                    f"the {type(processor).__name__} of {self._info.get('model')} could not "
+                    f"prepare the prompt (images: {sizes}): {exc}") from exc
+            out.pop("attention_mask", None)   # one unpadded sequence: generate() makes it all ones
+            ids = out.pop("input_ids")[0].tolist()
+            inputs.update(out)
+            return ids
+
+        ids = self._literal.encode(text, brackets, encode,
+                                   encode_literal=lambda t: hf_encode_literal(tokenizer, t),
+                                   avoid=self._processor_tokens)
+        return Prompt(ids, inputs)
 
     def count_tokens(self, text: str) -> int:
-        return len(self._tokenizer.encode(text, add_special_tokens=False))
+        return len(hf_encode_literal(self._tokenizer, text))
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self._tokenizer.decode(list(token_ids), skip_special_tokens=True)
