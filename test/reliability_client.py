@@ -165,32 +165,35 @@ def flood(args) -> int:
         client.close()
 
 
+LONG_PROMPT = "Write a very long story about a robot who explores the ocean."
+
+
+def _stream_until_killed(client: Client, args) -> int:
+    """Touch the ready file once a chunk of this client's requests streams, then wait for the
+    test's SIGKILL."""
+    with client.cv:
+        client.cv.wait_for(lambda: len(client.chunks) >= 1, args.timeout)
+    _touch(args.ready_file)
+    while True:
+        time.sleep(1.0)
+
+
 def hold(args) -> int:
     client = Client(args.namespace, args.tag)
     client.wait_matched()
-    prompt = "Write a very long story about a robot who explores the ocean."
-    client.goal(f"{args.tag}-goal", prompt, args.max_new_tokens)
-    client.request(f"{args.tag}-topic", prompt, args.max_new_tokens)
-    with client.cv:
-        client.cv.wait_for(lambda: len(client.chunks) >= 1, args.timeout)
-    _touch(args.ready_file)
-    while True:  # until SIGKILL
-        time.sleep(1.0)
+    client.goal(f"{args.tag}-goal", LONG_PROMPT, args.max_new_tokens)
+    client.request(f"{args.tag}-topic", LONG_PROMPT, args.max_new_tokens)
+    return _stream_until_killed(client, args)
 
 
 def goals(args) -> int:
-    """Send ``--count`` goals, touch the ready file once all are accepted and one streams, then
-    wait to be killed (a client that dies with goals in flight)."""
+    """Send ``--count`` goals, then wait to be killed once one streams (a client that dies with
+    goals in flight)."""
     client = Client(args.namespace, args.tag)
     client.wait_matched()
-    prompt = "Write a very long story about a robot who explores the ocean."
     for i in range(args.count):
-        client.goal(f"{args.tag}-{i}", prompt, args.max_new_tokens)
-    with client.cv:
-        client.cv.wait_for(lambda: len(client.chunks) >= 1, args.timeout)
-    _touch(args.ready_file)
-    while True:  # until SIGKILL
-        time.sleep(1.0)
+        client.goal(f"{args.tag}-{i}", LONG_PROMPT, args.max_new_tokens)
+    return _stream_until_killed(client, args)
 
 
 def main(argv=None) -> int:
