@@ -144,6 +144,8 @@ def test_goals_of_a_killed_client_are_cancelled_and_the_queue_frees(domain_id, t
     proc = None
     try:
         assert node.wait_for_log("active: serving", 120), node.log()
+        # Fast DDS ignores a profile file that does not exist (default 20 s lease then).
+        assert SHORT_LEASE.is_file(), f"{SHORT_LEASE} is not installed (scripts/setup.sh)"
         env = dict(os.environ, ROS_DOMAIN_ID=str(domain_id),
                    ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST",
                    FASTRTPS_DEFAULT_PROFILES_FILE=str(SHORT_LEASE))
