@@ -135,10 +135,23 @@ def test_session_store_keeps_last_turns_and_resets():
     store = SessionStore(max_turns=2)
     for i in range(5):
         store.append("s", Turn(f"q{i}", f"a{i}"))
-    assert [t.user for t in store.history("s")] == ["q3", "q4"]
+    assert [t.user for t in store.history("s")] == ["q4"]   # q0 q1 | q2 q3 | q4
     assert store.history("other") == []
     store.reset("s")
     assert store.history("s") == []
+
+
+def test_session_store_trims_in_blocks_so_the_prefix_stays_stable():
+    store = SessionStore(max_turns=8)
+    seen = []
+    for i in range(24):
+        store.append("s", Turn(f"q{i}", f"a{i}"))
+        seen.append([t.user for t in store.history("s")])
+    assert all(4 <= len(h) <= 8 for h in seen[4:]) and max(len(h) for h in seen) == 8
+    # Between two trims each history extends the previous one: the prompt's start is unchanged.
+    changed = [i for i in range(1, 24) if seen[i][:len(seen[i - 1])] != seen[i - 1]]
+    assert changed == [8, 13, 18, 23], changed
+    assert seen[8] == ["q5", "q6", "q7", "q8"]
 
 
 def test_session_store_bounds_sessions():

@@ -82,7 +82,10 @@ def model_parameters(backends: Sequence[str], default_model: str,
         ParamSpec("max_queue", 16,
                   "Requests that may wait behind the running one; more are refused with a 'queue "
                   "full' error chunk.", int_range=(0, 4096)),
-        ParamSpec("max_history_turns", 8, "Finished turns kept per chat session; 0 = no history.",
+        ParamSpec("max_history_turns", 8,
+                  "Finished turns kept per chat session at most; past it only the newest half is "
+                  "kept (trimmed in blocks, so the prompt's start, whose KV cache llama_cpp reuses, "
+                  "stays the same for several turns); 0 = no history.",
                   int_range=(0, 1024)),
         ParamSpec("max_context_tokens", 0,
                   "Context window used (prompt + answer); 0 = the model's own. History is trimmed "
