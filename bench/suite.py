@@ -299,6 +299,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             cmd = [sys.executable, str(HERE / "bench_remote.py"), "--max-new-tokens",
                    str(args.max_new_tokens), "--repeats", str(1 if args.quick else 2)]
             report["remote_vs_in_process"] = run_json(cmd, args.out_dir / "bench_remote.json")
+    # A 24-turn chat per local backend: first-token time per turn (history trimmed in blocks).
+    report["conversation"] = {}
+    for name in ("llama_cpp", "transformers"):
+        if name in available_backends():
+            cmd = [sys.executable, str(HERE / "bench_conversation.py"), "--backend", name]
+            report["conversation"][name] = run_json(
+                cmd, args.out_dir / f"bench_conversation_{name}.json")
     if not args.skip_vision:
         cmd = [sys.executable, str(HERE / "bench_vision.py"), "--duration",
                "10" if args.quick else "30"]
@@ -311,6 +318,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if "summary" in r:
             goals[f"{name}_ros_tokens_per_second_ratio>=0.98"] = r["summary"]["goal_tps_ratio_met"]
             goals[f"{name}_ros_ttft_overhead<=5ms"] = r["summary"]["goal_ttft_overhead_met"]
+    for name, r in report.get("conversation", {}).items():
+        if r.get("ratio_13_24_over_1_4") is not None:
+            goals[f"{name}_conversation_ttft_ratio<=1.5"] = r["ratio_13_24_over_1_4"] <= 1.5
     report["goals"] = goals
     out = args.out_dir / "suite.json"
     write_report(report, out)
