@@ -154,6 +154,23 @@ def test_session_store_trims_in_blocks_so_the_prefix_stays_stable():
     assert seen[8] == ["q5", "q6", "q7", "q8"]
 
 
+def test_ten_thousand_sessions_keep_memory_bounded():
+    """10,000 distinct session ids with a 1 KB turn each: the store keeps the 256 most recently
+    used (the engine's default), so what it holds stays at about 256 turns' worth."""
+    import tracemalloc
+    store = SessionStore(max_turns=8)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        for i in range(10_000):
+            store.append(f"session-{i}", Turn("q" * 512, "a" * 512))
+        held = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    assert len(store) == 256 and store.history("session-9999") and not store.history("session-0")
+    assert held < 256 * 4096, held   # ~1.2 KB per kept session; 10,000 would be ~12 MB
+
+
 def test_session_store_bounds_sessions():
     store = SessionStore(max_turns=1, max_sessions=3)
     for i in range(5):
