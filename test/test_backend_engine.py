@@ -133,6 +133,22 @@ def test_engine_queue_full_and_duplicate_id(engine):
         assert len([c for c in sink.chunks[rid] if c.is_final]) == 1
 
 
+def test_request_timeout_stops_running_and_waiting_requests(backend):
+    config = EngineConfig(max_queue=4, defaults=GREEDY, request_timeout_s=0.5)
+    long = SamplingOverrides(max_new_tokens=100_000)
+    with running_engine(backend, config) as e:
+        sink = Collector(timeout=30)
+        running = e.submit(Request("count forever", sampling=long), sink)
+        waiting = e.submit(Request("count forever", sampling=long), sink)
+        for rid, where in ((running, "passed"), (waiting, "passed while it waited")):
+            final = sink.final(rid)
+            assert final.finish_reason is FinishReason.ERROR, final
+            assert f"request_timeout_s (0.5 s) {where}" in final.error, final.error
+        assert [c.seq for c in sink.chunks[running]] == list(range(len(sink.chunks[running])))
+        ok = e.submit(Request("hi", sampling=SamplingOverrides(max_new_tokens=3)), sink)
+        assert sink.final(ok).finish_reason in (FinishReason.LENGTH, FinishReason.STOP)
+
+
 def test_engine_bad_requests_get_error_chunks_and_engine_keeps_serving(backend):
     with running_engine(backend, EngineConfig(defaults=GREEDY, max_context_tokens=64)) as e:
         sink = Collector()

@@ -333,8 +333,7 @@ class Engine:
             if timeout:
                 left = job.t_accept + timeout - time.monotonic()
                 if left <= 0:
-                    job.abort_reason = f"request_timeout_s ({timeout:g} s) passed while it waited"
-                    job.cancel.set()
+                    self._expire(job, " while it waited in the queue")
                 else:
                     job.deadline = threading.Timer(left, self._expire, (job,))
                     job.deadline.daemon = True
@@ -354,9 +353,9 @@ class Engine:
                 with self._lock:
                     self._active.discard(job)
 
-    def _expire(self, job: _Job) -> None:
-        """The request timeout of a running request passed: stop it with an error."""
-        job.abort_reason = f"request_timeout_s ({self._config.request_timeout_s:g} s) passed"
+    def _expire(self, job: _Job, where: str = "") -> None:
+        """The request timeout of ``job`` passed: stop it with an error naming the limit."""
+        job.abort_reason = f"request_timeout_s ({self._config.request_timeout_s:g} s) passed{where}"
         job.cancel.set()
 
     def _run(self, job: _Job) -> None:
