@@ -63,13 +63,13 @@ class SoakClient:
 
     def __init__(self) -> None:
         import rclpy
-        from rclpy.action import ActionClient
         from rclpy.executors import MultiThreadedExecutor
         from std_msgs.msg import String
 
         from slm_ros.action import Generate
         from slm_ros.msg import GenerateRequest, TokenChunk
         from slm_ros.ros import qos
+        from slm_ros.ros.action_client import ThreadSafeActionClient
 
         self._rclpy, self._String, self._Generate = rclpy, String, Generate
         self._GenerateRequest = GenerateRequest
@@ -82,8 +82,8 @@ class SoakClient:
         self.node.create_subscription(TokenChunk, "tokens", self._on_chunk, qos.TOKEN_STREAM)
         self.request_pub = self.node.create_publisher(GenerateRequest, "request", qos.COMMANDS)
         self.cancel_pub = self.node.create_publisher(String, "cancel", qos.COMMANDS)
-        self.action = ActionClient(self.node, Generate, "generate",
-                                   feedback_sub_qos_profile=qos.ACTION_FEEDBACK)
+        self.action = ThreadSafeActionClient(self.node, Generate, "generate",
+                                             feedback_sub_qos_profile=qos.ACTION_FEEDBACK)
         self.executor = MultiThreadedExecutor(num_threads=2, context=self.context)
         self.executor.add_node(self.node)
         self._spin = threading.Thread(target=self.executor.spin, daemon=True)

@@ -26,12 +26,12 @@ import time
 from pathlib import Path
 
 import rclpy
-from rclpy.action import ActionClient
 from rclpy.executors import MultiThreadedExecutor
 
 from slm_ros.action import Generate
 from slm_ros.msg import GenerateRequest, TokenChunk
 from slm_ros.ros import qos
+from slm_ros.ros.action_client import ThreadSafeActionClient
 
 
 class Client:
@@ -50,11 +50,11 @@ class Client:
         # The node's deep service QoS on the client side too: with rclpy's depth-10 default, a
         # burst of more than 10 goal or result responses (refused goals all end within
         # milliseconds) can drop the oldest before this client takes them.
-        self.action = ActionClient(self.node, Generate, "generate",
-                                   goal_service_qos_profile=qos.ACTION_SERVICES,
-                                   result_service_qos_profile=qos.ACTION_SERVICES,
-                                   cancel_service_qos_profile=qos.ACTION_SERVICES,
-                                   feedback_sub_qos_profile=qos.ACTION_FEEDBACK)
+        self.action = ThreadSafeActionClient(self.node, Generate, "generate",
+                                             goal_service_qos_profile=qos.ACTION_SERVICES,
+                                             result_service_qos_profile=qos.ACTION_SERVICES,
+                                             cancel_service_qos_profile=qos.ACTION_SERVICES,
+                                             feedback_sub_qos_profile=qos.ACTION_FEEDBACK)
         self.executor = MultiThreadedExecutor(num_threads=4)
         self.executor.add_node(self.node)
         self._spin = threading.Thread(target=self.executor.spin, daemon=True)

@@ -14,7 +14,6 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import rclpy
-from rclpy.action import ActionClient
 from rclpy.executors import MultiThreadedExecutor
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
@@ -23,6 +22,7 @@ from slm_ros.action import AskImage, Generate
 from slm_ros.cli import node_executable
 from slm_ros.msg import GenerateRequest, TokenChunk, VisionAnswer
 from slm_ros.ros import qos
+from slm_ros.ros.action_client import ThreadSafeActionClient
 
 
 def _die_with_parent() -> None:
@@ -153,11 +153,11 @@ class LlmClient(RosParticipant):
         self.cancel_pub = self.node.create_publisher(String, "cancel", qos.COMMANDS)
         # Deep service profiles as the README advises clients with many goals in flight: with
         # rclpy's depth 10, a burst of goal or result responses can drop some.
-        self.action = ActionClient(self.node, Generate, "generate",
-                                   goal_service_qos_profile=qos.ACTION_SERVICES,
-                                   result_service_qos_profile=qos.ACTION_SERVICES,
-                                   cancel_service_qos_profile=qos.ACTION_SERVICES,
-                                   feedback_sub_qos_profile=qos.ACTION_FEEDBACK)
+        self.action = ThreadSafeActionClient(self.node, Generate, "generate",
+                                             goal_service_qos_profile=qos.ACTION_SERVICES,
+                                             result_service_qos_profile=qos.ACTION_SERVICES,
+                                             cancel_service_qos_profile=qos.ACTION_SERVICES,
+                                             feedback_sub_qos_profile=qos.ACTION_FEEDBACK)
         self.start()
 
     def _on_chunk(self, msg: TokenChunk) -> None:
@@ -234,8 +234,8 @@ class VisionClient(RosParticipant):
         self.node.create_subscription(VisionAnswer, "answer", self._on_answer, qos.RESULTS)
         self.node.create_subscription(TokenChunk, "answer_tokens", self._on_chunk,
                                       qos.TOKEN_STREAM)
-        self.action = ActionClient(self.node, AskImage, "ask",
-                                   feedback_sub_qos_profile=qos.ACTION_FEEDBACK)
+        self.action = ThreadSafeActionClient(self.node, AskImage, "ask",
+                                             feedback_sub_qos_profile=qos.ACTION_FEEDBACK)
         self.start()
 
     def _on_answer(self, msg) -> None:

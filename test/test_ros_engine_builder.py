@@ -6,12 +6,12 @@ import time
 from pathlib import Path
 
 import pytest
-from rclpy.action import ActionClient
 
 from ros_helpers import LlmClient, NodeProcess, RosParticipant, wait_future
 from slm_ros.action import BuildEngine
 from slm_ros.msg import EngineStatus
 from slm_ros.ros import qos
+from slm_ros.ros.action_client import ThreadSafeActionClient
 
 
 class StatusClient(RosParticipant):
@@ -22,7 +22,7 @@ class StatusClient(RosParticipant):
         self.statuses = []
         self.node.create_subscription(EngineStatus, "engine_status", self._on_status,
                                       qos.ENGINE_STATUS)
-        self.action = ActionClient(self.node, BuildEngine, "build_engine")
+        self.action = ThreadSafeActionClient(self.node, BuildEngine, "build_engine")
         self.start(threads=2)
 
     def _on_status(self, msg) -> None:

@@ -125,7 +125,11 @@ class LlmNode(ModelNode):
         return GoalRun(done, out, lambda chunk, text: Generate.Result(
             request_id=chunk.request_id, text=text, finish_reason=chunk.finish_reason.value,
             error=chunk.error, stats=stats_to_msg(chunk.stats)),
-            lambda error: Generate.Result(finish_reason=FinishReason.ERROR.value, error=error))
+            lambda error: self.goal_error_result(goal_handle, error))
+
+    def goal_error_result(self, goal_handle, error: str) -> Generate.Result:
+        return Generate.Result(request_id=goal_handle.request.request.request_id,
+                               finish_reason=FinishReason.ERROR.value, error=error)
 
 
 def main(args=None) -> int:

@@ -336,9 +336,18 @@ class VisionNode(ModelNode):
         if goal_handle.is_cancel_requested and self._engine is not None:
             self._engine.cancel(request_id)
         return GoalRun(done, out, lambda _chunk, answer: AskImage.Result(answer=answer),
-                       lambda error: AskImage.Result(answer=VisionAnswer(
-                           request_id=request_id, question=goal.question,
-                           finish_reason=FinishReason.ERROR.value, error=error)))
+                       lambda error: self._error_result(request_id, goal.question, error))
+
+    def goal_error_result(self, goal_handle, error: str) -> AskImage.Result:
+        with self._goal_lock:
+            request_id = self._goal_requests.get(bytes(goal_handle.goal_id.uuid), "")
+        return self._error_result(request_id, goal_handle.request.question, error)
+
+    @staticmethod
+    def _error_result(request_id: str, question: str, error: str) -> AskImage.Result:
+        return AskImage.Result(answer=VisionAnswer(
+            request_id=request_id, question=question, finish_reason=FinishReason.ERROR.value,
+            error=error))
 
 
 def _processor_options(text: str) -> dict:

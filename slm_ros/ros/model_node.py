@@ -13,7 +13,7 @@ import dataclasses
 import threading
 import time
 import traceback
-from typing import Callable, Dict, FrozenSet, Optional, Sequence, Tuple, Type
+from typing import Callable, Dict, FrozenSet, Optional, Sequence, Tuple, Type, Union
 
 import rclpy
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
@@ -226,7 +226,7 @@ class ModelNode(LifecycleNode):
         # Goals run concurrently, each waiting for its request; goal id -> request id for cancels.
         self._goal_group = ReentrantCallbackGroup()
         self._goal_requests: Dict[bytes, str] = {}
-        self._goal_runs: Dict[bytes, Optional[GoalRun]] = {}
+        self._goal_runs: Dict[bytes, Union[GoalRun, str]] = {}   # str: why it failed
         # Goal id -> the participants (DDS GUID prefixes) subscribed to the action's feedback
         # when it was accepted: the client that sent it is one of them (see _check_goal_clients).
         self._goal_clients: Dict[bytes, FrozenSet[bytes]] = {}
@@ -355,11 +355,12 @@ class ModelNode(LifecycleNode):
 
     def _accept_goal(self, goal_handle, start: Callable[[object], GoalRun]) -> None:
         try:
-            run: Optional[GoalRun] = start(goal_handle)
+            run: Union[GoalRun, str] = start(goal_handle)
         except Exception as exc:  # noqa: BLE001 - a goal must end even when starting it fails
-            self.get_logger().error(f"goal {bytes(goal_handle.goal_id.uuid).hex()} could not "
-                                    f"start: {type(exc).__name__}: {exc}")
-            run = None
+            error = f"the node could not start this goal: {type(exc).__name__}: {exc}"
+            self.get_logger().error(f"goal {bytes(goal_handle.goal_id.uuid).hex()}: "
+                                    f"{diagnostics.shorten(error, LOG_TEXT)}")
+            run = diagnostics.shorten(error)
         key = bytes(goal_handle.goal_id.uuid)
         clients = self._action_clients() if self._feedback_topic else frozenset()
         with self._goal_lock:
@@ -368,14 +369,19 @@ class ModelNode(LifecycleNode):
             self._executing += 1
         goal_handle.execute()   # EXECUTING; schedules _execute_goal
 
+    def goal_error_result(self, goal_handle, error: str):
+        """The action result of a goal that ends in ``error`` before its request reached the
+        engine (subclasses fill their result type's error fields)."""
+        return self._action_server.action_type.Result()
+
     def _execute_goal(self, goal_handle):
         key = bytes(goal_handle.goal_id.uuid)
         try:
             with self._goal_lock:
                 run = self._goal_runs.pop(key)
-            if run is None:   # start failed (logged)
+            if isinstance(run, str):   # start failed (logged): the reason
                 goal_handle.abort()
-                return self._action_server.action_type.Result()
+                return self.goal_error_result(goal_handle, run)
             run.done.wait()
             if not run.out:   # the final chunk could not be delivered (logged by the engine)
                 goal_handle.abort()
