@@ -129,6 +129,24 @@ def test_greedy_matches_llama_cpp_own_completion(backend, gguf):
     assert list(backend.generate(ids, GREEDY, threading.Event())) == ours
 
 
+def test_a_chat_turn_evaluates_only_its_new_tokens(backend):
+    """The previous answer's KV (computed while decoding it) is reused by the next turn: the
+    prompt evaluation covers the new user message, not the history (issue 14)."""
+    ids = backend.apply_chat_template(FRANCE)
+    answer = [t for t in backend.generate(ids, GREEDY, threading.Event())
+              if t not in backend.eos_token_ids]
+    follow_up = backend.apply_chat_template(
+        FRANCE + [{"role": "assistant", "content": backend.decode(answer)},
+                  {"role": "user", "content": "And of Italy?"}])
+    assert follow_up[:len(ids) + len(answer)] == ids + answer   # the template renders it back
+    new_tokens = len(follow_up) - len(ids) - len(answer)
+    ctx = backend._llama.ctx
+    llama_cpp.llama_perf_context_reset(ctx)
+    assert list(backend.generate(follow_up, GREEDY, threading.Event()))
+    evaluated = llama_cpp.llama_perf_context(ctx).n_p_eval
+    assert evaluated <= new_tokens + 2, (evaluated, new_tokens, len(follow_up))
+
+
 def test_streamed_equals_non_streamed_through_the_engine(backend, engine):
     ids = backend.apply_chat_template([{"role": "user", "content": "Describe a kitchen robot."}])
     direct = list(backend.generate(ids, GREEDY, threading.Event()))

@@ -22,13 +22,15 @@ The chat template is rendered to text and tokenized with special tokens recognis
 (user, system prompt, history) are tokenized as text: a user cannot close their turn or open a
 system turn by typing ``<|im_end|>`` (:class:`~slm_ros.backends.hf_tokenizer.LiteralControlTokens`).
 
-The KV cache of the previous request is reused for the prompt prefix they share (the system prompt,
-a chat session's history), with two limits that keep answers independent of what ran before (greedy
-decoding gives the same tokens for the same prompt whatever the node served earlier; tested): only
-positions that a batched prompt evaluation computed are reused -- tokens the model generated were
-evaluated one at a time and are evaluated again as part of the next prompt -- and at least two prompt
-tokens are always evaluated. llama.cpp computes a batch of one token along a different numerical path
-than a larger batch (different rounding); reusing such positions changed greedy answers in tests.
+The KV cache of the previous request is reused for the prompt prefix they share: the system prompt,
+and in a chat session the whole history up to the new user turn, including the tokens the model
+generated for the previous answer (the chat template renders that answer back to the same tokens), so
+a turn evaluates only its new message: work proportional to the turn, not to the conversation. At
+least two prompt tokens are always evaluated. llama.cpp computes a batch of one token (decoding) along
+another numerical path than a larger batch (a prompt), so a turn answered from a warm cache can differ
+in its last digits, and rarely in a greedy token, from the same full prompt evaluated cold (after a
+restart); a prompt that is not a continuation (another session, the same question asked again) reuses
+only positions a prompt evaluation computed, and answers exactly as it would cold (tested).
 
 Measured on the embedded SmolLM2-135M-Instruct (Q4_1) on a 2-core AVX2 CPU: load 0.4 s, 82-98
 tokens/s with 2 threads (~62 with 1), about 260 MB peak RSS with a 4096-token context (the KV cache
@@ -85,8 +87,8 @@ _FALLBACK_TEMPLATE = (
 _GGUF_MAGIC = b"GGUF"
 #: A NULL abort callback: llama.cpp never aborts.
 _NO_ABORT = llama_cpp.ggml_abort_callback(0)
-#: Prompt tokens always evaluated, never taken from the KV cache: llama.cpp computes a batch of one
-#: token along another numerical path than a larger batch (see the module docstring).
+#: Prompt tokens always evaluated, never taken from the KV cache: the last logits must come from
+#: this request's own evaluation.
 _MIN_EVALUATED = 2
 
 
@@ -163,7 +165,7 @@ class LlamaCppBackend(Backend):
         self._eos: FrozenSet[int] = frozenset()
         self._literal = LiteralControlTokens({})
         self._info: dict = {}
-        #: Leading positions of the KV cache computed by a batched prompt evaluation (reusable).
+        #: Leading positions of the KV cache that hold valid evaluations (reusable).
         self._prefilled = 0
         #: Cancel flag the abort callback reads while a prompt is evaluated (None: never abort).
         self._abort_flag: Optional[threading.Event] = None
@@ -301,8 +303,8 @@ class LlamaCppBackend(Backend):
         if cancel.is_set():
             return
         # Reuse of the KV cache (see the module docstring): the library reuses what matches of
-        # llama.n_tokens cached positions; offer it only positions a batched prefill computed, and
-        # leave at least _MIN_EVALUATED prompt tokens to evaluate.
+        # llama.n_tokens cached positions; offer it only valid positions, and leave at least
+        # _MIN_EVALUATED prompt tokens to evaluate.
         llama.n_tokens = max(0, min(llama.n_tokens, self._prefilled, len(ids) - _MIN_EVALUATED))
         self._prefilled = 0
         tokens = llama.generate(ids, min_p=0.0, typical_p=1.0,
@@ -320,6 +322,8 @@ class LlamaCppBackend(Backend):
                 if n >= limit or token in self._eos or cancel.is_set():
                     return
                 token = next(tokens, None)
+                # The previous token was evaluated: the next turn of a chat reuses it.
+                self._prefilled = llama.n_tokens
         except (RuntimeError, ValueError):
             llama.reset()  # the KV cache may hold a half-evaluated batch: start clean next time
             if cancel.is_set():
