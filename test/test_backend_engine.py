@@ -41,6 +41,25 @@ def test_streamed_equals_non_streamed_greedy(backend, tiny_model_dir):
     assert streamed == ref.tolist()
 
 
+def test_a_chat_turn_evaluates_only_its_new_tokens(backend):
+    """The KV cache of the previous prompt and answer is kept: a prompt that continues it evaluates
+    only its new tokens; a prompt that does not (the same question again) starts cold and gives
+    the same answer (issue 14)."""
+    ids = backend.apply_chat_template([{"role": "user", "content": "Describe the room."}])
+    answer = list(backend.generate(ids, GREEDY, threading.Event()))
+    follow_up = ids + answer + backend._tokenizer.encode(" And the door?", add_special_tokens=False)
+    passes = []
+    hook = backend._model.register_forward_pre_hook(
+        lambda _m, _args, kwargs: passes.append(kwargs["input_ids"].shape[-1]), with_kwargs=True)
+    try:
+        assert list(backend.generate(follow_up, GREEDY, threading.Event()))
+    finally:
+        hook.remove()
+    # The last answer token was sampled, never evaluated: it is evaluated with the new ones.
+    assert passes[0] == len(follow_up) - (len(ids) + len(answer) - 1), (passes[0], len(follow_up))
+    assert list(backend.generate(ids, GREEDY, threading.Event())) == answer
+
+
 def test_engine_stream_text_equals_decode(engine, backend):
     sink = Collector()
     rid = engine.submit(Request("Describe the room.", sampling=SamplingOverrides(max_new_tokens=60)),

@@ -11,6 +11,9 @@ cancel then waits at most for the module call under way, the longest being one l
 effect after a median 13 ms). The hooks remove themselves when the prompt pass returns, so decoding
 runs without them.
 
+The KV cache of the last request is kept for a prompt that continues it, the next turn of a chat,
+which then evaluates only its new message (:class:`ConversationCache`).
+
 Control-token strings typed in message text stay text (see
 :class:`~slm_ros.backends.hf_tokenizer.LiteralControlTokens`).
 """
@@ -152,15 +155,66 @@ def generation_config(params: SamplingParams, eos: FrozenSet[int]) -> Generation
     )
 
 
+class ConversationCache:
+    """The KV cache of the last request (prompt and answer), kept for the next prompt that
+    continues it: the next turn of a chat evaluates only its new message.
+
+    One sequence, bounded by the context length (SmolLM2-135M, float32: ~46 KB a token, 94 MB at
+    2,048). It is reused only when the new prompt contains the whole previous prompt (a chat
+    continuing); any other prompt (another session, the same question asked again) starts from an
+    empty cache, so it answers exactly as it would cold. A request that fails or is abandoned in
+    its prompt pass drops the cache. ``lock`` is held for the whole ``generate`` call: a request
+    waits for the previous one's worker thread to let go of the cache."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self._cache = None
+        self._ids: list = []
+        self._prompt_len = 0
+
+    def take(self, prompt_ids: Sequence[int]):
+        """The cache to pass to ``generate`` for ``prompt_ids`` (caller holds ``lock``)."""
+        from transformers import DynamicCache
+        shared = 0
+        for a, b in zip(self._ids, prompt_ids):
+            if a != b:
+                break
+            shared += 1
+        # At least one prompt token is evaluated: the first logits come from this request.
+        if self._cache is not None and self._prompt_len <= shared < len(prompt_ids):
+            surplus = self._cache.get_seq_length() - shared
+            if surplus > 0:
+                # A negative count removes that many positions from the end (every transformers
+                # version; newer ones refuse a positive length).
+                self._cache.crop(-surplus)
+            return self._cache
+        self._cache, self._ids, self._prompt_len = DynamicCache(), [], 0
+        return self._cache
+
+    def keep(self, prompt_ids: Sequence[int], generated: Sequence[int]) -> None:
+        """Record what the cache now holds after a completed ``generate``."""
+        held = self._cache.get_seq_length() if self._cache is not None else 0
+        ids = list(prompt_ids) + list(generated)
+        if held > len(ids):   # not what it should be: start clean next time
+            self.drop()
+            return
+        self._ids, self._prompt_len = ids[:held], len(prompt_ids)
+
+    def drop(self) -> None:
+        self._cache, self._ids, self._prompt_len = None, [], 0
+
+
 def stream_generate(model, input_ids: "torch.Tensor", params: SamplingParams, eos: FrozenSet[int],
-                    cancel: threading.Event, name: str, **extra) -> Iterator[int]:
+                    cancel: threading.Event, name: str, conversation: "ConversationCache" = None,
+                    **extra) -> Iterator[int]:
     """Run ``model.generate`` on a worker thread and yield each new token id (shared by the text and
-    vision-language backends; ``extra`` are further model inputs such as ``pixel_values``)."""
+    vision-language backends; ``extra`` are further model inputs such as ``pixel_values``).
+    ``conversation`` keeps the KV cache between requests (text only)."""
     config = generation_config(params, eos)
     # Set by the caller (cancel) or when the consumer stops reading (stop string, error).
     halt = threading.Event()
 
-    def produce(emit) -> None:
+    def run(emit, past) -> None:
         if params.seed:
             torch.manual_seed(params.seed)
         hooks = _interrupt_prefill(model, cancel, halt)
@@ -172,13 +226,37 @@ def stream_generate(model, input_ids: "torch.Tensor", params: SamplingParams, eo
                     generation_config=config,
                     streamer=_TokenStreamer(emit),
                     stopping_criteria=[_CancelCriteria(cancel, halt)],
+                    **({"past_key_values": past} if past is not None else {}),
                     **extra,
                 )
-        except _Interrupted:
-            pass   # cancelled (or the consumer stopped reading): the stream just ends
         finally:
             for hook in hooks:
                 hook.remove()
+
+    def produce(emit) -> None:
+        if conversation is None:
+            try:
+                run(emit, None)
+            except _Interrupted:
+                pass   # cancelled (or the consumer stopped reading): the stream just ends
+            return
+        prompt = input_ids[0].tolist()
+        generated = []
+
+        def record(token: int) -> None:
+            generated.append(token)
+            emit(token)
+
+        with conversation.lock:
+            try:
+                run(record, conversation.take(prompt))
+            except _Interrupted:
+                conversation.drop()   # abandoned inside a forward pass: the cache is partial
+            except BaseException:
+                conversation.drop()
+                raise
+            else:
+                conversation.keep(prompt, generated)
 
     return iterate_in_thread(produce, halt, name=name)
 
@@ -195,6 +273,7 @@ class TransformersBackend(HfTokenizerMixin, Backend):
         self._context = 0
         self._eos: FrozenSet[int] = frozenset()
         self._info: dict = {}
+        self._conversation = ConversationCache()
 
     def load(self, config: BackendConfig) -> None:
         device = resolve_device(config.device)
@@ -247,7 +326,7 @@ class TransformersBackend(HfTokenizerMixin, Backend):
         model = self._model
         input_ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self._device)
         return stream_generate(model, input_ids, params, self._eos, cancel,
-                               name="slm-transformers-generate")
+                               name="slm-transformers-generate", conversation=self._conversation)
 
     def describe(self) -> dict:
         return dict(self._info)
@@ -255,5 +334,6 @@ class TransformersBackend(HfTokenizerMixin, Backend):
     def close(self) -> None:
         self._model = None
         self._tokenizer = None
+        self._conversation.drop()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
