@@ -116,6 +116,11 @@ class RunResult:
     cpu_ms_per_token: float = 0.0
     #: ros only: CPU time per token of this (the client's) process over the same span.
     client_cpu_ms_per_token: float = 0.0
+    #: ros only: from sending the request to holding the whole answer (the goal's result, or the
+    #: final chunk on ``tokens``), as the client sees it.
+    answer_ms: float = 0.0
+    #: ros only: the whole answer's text.
+    text: str = ""
 
 
 def decode_rate(tokens_after_first: int, t_first: float, t_last: float) -> float:
@@ -298,6 +303,8 @@ class ChunkRecorder:
         self.token_ids: List[int] = []
         self.first_text = 0.0
         self.final = None                 # the final TokenChunk once it arrived
+        self.final_at = 0.0               # ... and when
+        self.texts: List[str] = []        # every chunk's text delta
         self._node_pid = node_pid
         self._cpu_first: Optional[tuple] = None   # (node, client) CPU seconds at the first chunk
         self._cpu_end: Optional[tuple] = None     # ... at the final chunk
@@ -317,8 +324,9 @@ class ChunkRecorder:
             self.arrivals.append(now)
             self.counts.append(n)
             self.token_ids.extend(int(t) for t in chunk.token_ids)
+        self.texts.append(chunk.text)
         if chunk.is_final:
-            self.final = chunk
+            self.final, self.final_at = chunk, now
             self._cpu_end = self._cpu_now()
 
     def result(self, t_send: float, stats) -> RunResult:
@@ -431,6 +439,7 @@ class GenerateClient(_Client):
             raise RuntimeError("goal rejected by the llm node")
         result_future = handle.get_result_async()
         self._spin_until(result_future.done, timeout_s)
+        t_answer = time.monotonic()
         # rclpy's action client drops feedback of a goal whose result it has already handled, so
         # the final chunk's feedback (sent before the result) can be lost when the result wins the
         # race between the two DDS topics: wait a moment for it, then go on without it.
@@ -441,7 +450,9 @@ class GenerateClient(_Client):
         result = result_future.result().result
         if result.finish_reason == "error":
             raise RuntimeError(f"generation failed: {result.error}")
-        return chunks.result(t_send, result.stats)
+        run = chunks.result(t_send, result.stats)
+        run.answer_ms, run.text = (t_answer - t_send) * 1e3, result.text
+        return run
 
 
 class TopicClient(_Client):
@@ -487,7 +498,9 @@ class TopicClient(_Client):
             del self._chunks[msg.request_id]
         if chunks.final.finish_reason == "error":
             raise RuntimeError(f"generation failed: {chunks.final.error}")
-        return chunks.result(t_send, chunks.final.stats)
+        run = chunks.result(t_send, chunks.final.stats)
+        run.answer_ms, run.text = (chunks.final_at - t_send) * 1e3, "".join(chunks.texts)
+        return run
 
 
 #: The client classes by how they send requests (``--via``).

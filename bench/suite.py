@@ -13,13 +13,17 @@ Measured side by side in one run, same prompts, greedy decoding, fixed max token
    weight bytes as the backend holds them) = the decode ceiling; each backend's fraction of it.
    Goal: llama_cpp >= 50 % of the ceiling.
 3. **ROS vs raw** - ``bench_llm.py`` per backend: the node in its own process and an action client in
-   another, against the backend in-process; llama_cpp also with ``stream_interval_ms:=50`` and with
-   requests on the ``request`` topic instead of the action (``--via topic``). Goals:
-   tokens/s ratio >= 0.98, TTFT overhead <= 5 ms.
-4. **vision ingest** - ``bench_vision.py`` (640x480 rgb8 at 30 Hz).
-5. **CUDA** - the transformers backend on a GPU when this machine has one (skipped here, with the
+   another, against the backend in-process, with the node's defaults (``stream_interval_ms`` 50);
+   llama_cpp also with a chunk per token (``stream_interval_ms:=0``) and with requests on the
+   ``request`` topic instead of the action (``--via topic``). Goals: tokens/s ratio >= 0.98, TTFT
+   overhead <= 5 ms. Then ``bench_peer.py``: the node against the callback design (whole answer
+   generated in a subscription callback, published once); goal: full answer <= 1.02x.
+4. **conversation** - ``bench_conversation.py`` per local backend: 24 turns in one session, first-
+   token time per turn (plotted); goal: median of turns 13-24 <= 1.5x that of turns 1-4.
+5. **vision ingest** - ``bench_vision.py`` (640x480 rgb8 at 30 Hz).
+6. **CUDA** - the transformers backend on a GPU when this machine has one (skipped here, with the
    reason, otherwise).
-6. **remote** - ``bench_remote.py``: the node with the ``openai`` backend against llama-cpp-python's
+7. **remote** - ``bench_remote.py``: the node with the ``openai`` backend against llama-cpp-python's
    server on the same GGUF vs the node running llama.cpp in-process (tokens/s ratio, TTFT delta).
 
     .venv/bin/python bench/suite.py [--quick] [--out-dir bench/results]
@@ -189,7 +193,7 @@ def plot(report: Dict, path: Path) -> Optional[str]:
         return f"no plot: matplotlib not installed ({exc})"
     backends = [b for b in report["backends"] + report.get("llama_cpp_quantizations", [])
                 if "error" not in b]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.6))
     names = [f"{b['backend']}\n{b['quantization']}" if "quantization" in b else b["backend"]
              for b in backends]
     rates = [b["tokens_per_second_median"] for b in backends]
@@ -209,7 +213,7 @@ def plot(report: Dict, path: Path) -> Optional[str]:
     labels, raw_v, ros_v = [], [], []
     for name, r in ros.items():
         if "summary" in r:
-            labels.append(name.replace("_stream_interval_50ms", "\n50 ms chunks")
+            labels.append(name.replace("_per_token_chunks", "\nper-token chunks")
                           .replace("_via_topic", "\nrequest topic"))
             raw_v.append(r["summary"]["raw_tokens_per_second"])
             ros_v.append(r["summary"]["ros_tokens_per_second"])
@@ -220,6 +224,16 @@ def plot(report: Dict, path: Path) -> Optional[str]:
     axes[2].set_ylabel("decode tokens/s")
     axes[2].set_title("ROS overhead")
     axes[2].legend()
+    for name, r in report.get("conversation", {}).items():
+        turns = [t for t in r.get("turns", []) if t.get("finish_reason") != "error"]
+        if turns:
+            axes[3].plot([t["turn"] for t in turns], [t["ttft_ms"] for t in turns], marker="o",
+                         label=name)
+    axes[3].set_xlabel("turn")
+    axes[3].set_ylabel("time to first token, ms")
+    axes[3].set_title("24-turn conversation (one session)")
+    if report.get("conversation"):
+        axes[3].legend()
     fig.suptitle(f"slm_ros benchmark suite, {report['machine']['cpu_model'] or 'CPU'}, "
                  f"{report['timestamp']}", fontsize=9)
     fig.tight_layout()
@@ -288,10 +302,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                    "--max-new-tokens", str(args.max_new_tokens), "--repeats",
                    str(1 if args.quick else 2)]
             report["ros_vs_raw"][name] = run_json(cmd, args.out_dir / f"bench_llm_{name}.json")
-            if name == "llama_cpp":   # ~100 tokens/s: also with chunks coalesced to 20 per second
-                report["ros_vs_raw"][f"{name}_stream_interval_50ms"] = run_json(
-                    cmd + ["--node-param", "stream_interval_ms:=50"],
-                    args.out_dir / f"bench_llm_{name}_stream_interval_50ms.json")
+            if name == "llama_cpp":   # ~100 tokens/s: also with a chunk per token
+                report["ros_vs_raw"][f"{name}_per_token_chunks"] = run_json(
+                    cmd + ["--node-param", "stream_interval_ms:=0"],
+                    args.out_dir / f"bench_llm_{name}_per_token_chunks.json")
                 # The request topic instead of the action: no goal round trip before generating.
                 report["ros_vs_raw"][f"{name}_via_topic"] = run_json(
                     cmd + ["--via", "topic"], args.out_dir / f"bench_llm_{name}_via_topic.json")
@@ -299,6 +313,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             cmd = [sys.executable, str(HERE / "bench_remote.py"), "--max-new-tokens",
                    str(args.max_new_tokens), "--repeats", str(1 if args.quick else 2)]
             report["remote_vs_in_process"] = run_json(cmd, args.out_dir / "bench_remote.json")
+            # The node (defaults) against the design users would otherwise write: the whole answer
+            # generated in a subscription callback and published once (same engine and GGUF).
+            cmd = [sys.executable, str(HERE / "bench_peer.py"), "--backend", "llama_cpp",
+                   *(["--repeats", "1"] if args.quick else [])]
+            report["callback_peer"] = run_json(cmd, args.out_dir / "bench_peer_llama_cpp.json")
     # A 24-turn chat per local backend: first-token time per turn (history trimmed in blocks).
     report["conversation"] = {}
     for name in ("llama_cpp", "transformers"):
@@ -318,6 +337,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if "summary" in r:
             goals[f"{name}_ros_tokens_per_second_ratio>=0.98"] = r["summary"]["goal_tps_ratio_met"]
             goals[f"{name}_ros_ttft_overhead<=5ms"] = r["summary"]["goal_ttft_overhead_met"]
+    peer = report.get("callback_peer", {})
+    if "summary" in peer:
+        goals["llama_cpp_full_answer_vs_callback_design<=1.02"] = \
+            peer["summary"]["goal_answer_ratio_met"]
     for name, r in report.get("conversation", {}).items():
         if r.get("ratio_13_24_over_1_4") is not None:
             goals[f"{name}_conversation_ttft_ratio<=1.5"] = r["ratio_13_24_over_1_4"] <= 1.5

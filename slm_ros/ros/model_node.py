@@ -111,11 +111,12 @@ def model_parameters(backends: Sequence[str], default_model: str,
                   "the reason). DDS notices a killed participant when its lease expires (Fast DDS: "
                   "20 s by default; see README 'Clients that die'). 0 = no check.",
                   float_range=(0.0, 3600.0)),
-        ParamSpec("stream_interval_ms", 0,
+        ParamSpec("stream_interval_ms", 50,
                   "Shortest time between two streamed chunks of one request: text generated "
-                  "meanwhile goes out together in the next chunk (fewer messages at high token "
-                  "rates). The first and the final chunk are never held back. 0 = a chunk per "
-                  "token.", int_range=(0, 10000)),
+                  "meanwhile goes out together in the next chunk (at most 20 chunks/s at the "
+                  "default 50, so messages do not cost decode speed on a small CPU; README "
+                  "'Streaming granularity'). The first and the final chunk are never held back. "
+                  "0 = a chunk per token.", int_range=(0, 10000)),
         ParamSpec("remote.base_url", _R.base_url,
                   "openai backend: base URL of the OpenAI-compatible server, up to and including "
                   "/v1 (trtllm-serve, vLLM, NIM, Ollama, llama.cpp server). `model` is then the "
