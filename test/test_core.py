@@ -171,6 +171,40 @@ def test_ten_thousand_sessions_keep_memory_bounded():
     assert held < 256 * 4096, held   # ~1.2 KB per kept session; 10,000 would be ~12 MB
 
 
+_RSS_SCRIPT = """
+import sys
+from slm_ros.core.session import SessionStore, Turn
+
+def rss_kb():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+store = SessionStore(**({} if sys.argv[1] == "default" else {"max_sessions": 10**9}))
+for i in range(1000):
+    store.append(f"warm-{i}", Turn(f"{i}" + "q" * 4096, f"{i}" + "a" * 4096))
+base = rss_kb()
+for i in range(10000):
+    store.append(f"session-{i}", Turn(f"{i}" + "q" * 4096, f"{i}" + "a" * 4096))
+print(rss_kb() - base)
+"""
+
+
+def test_ten_thousand_sessions_keep_the_process_rss_bounded():
+    """The same burst measured as the process sees it (RSS, in a fresh interpreter): 10,000 session
+    ids with an 8 KB turn each add almost nothing with the default cap, ~80 MB without one."""
+    import subprocess
+    import sys
+
+    def growth_mb(mode: str) -> float:
+        out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, mode], check=True,
+                             capture_output=True, text=True).stdout
+        return int(out) / 1024
+
+    bounded, unbounded = growth_mb("default"), growth_mb("unbounded")
+    assert unbounded > 60, unbounded   # the measurement sees an unbounded store
+    assert bounded < 8, (bounded, unbounded)
+
+
 def test_session_store_bounds_sessions():
     store = SessionStore(max_turns=1, max_sessions=3)
     for i in range(5):
