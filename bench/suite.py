@@ -21,9 +21,11 @@ Measured side by side in one run, same prompts, greedy decoding, fixed max token
 4. **conversation** - ``bench_conversation.py`` per local backend: 24 turns in one session, first-
    token time per turn (plotted); goal: median of turns 13-24 <= 1.5x that of turns 1-4.
 5. **vision ingest** - ``bench_vision.py`` (640x480 rgb8 at 30 Hz).
-6. **CUDA** - the transformers backend on a GPU when this machine has one (skipped here, with the
+6. **constrained output** - ``bench_constrained.py`` per local backend: JSON validity without and
+   with ``response_format``, constrained / free decode speed, schema compile cost cold and cached.
+7. **CUDA** - the transformers backend on a GPU when this machine has one (skipped here, with the
    reason, otherwise).
-7. **remote** - ``bench_remote.py``: the node with the ``openai`` backend against llama-cpp-python's
+8. **remote** - ``bench_remote.py``: the node with the ``openai`` backend against llama-cpp-python's
    server on the same GGUF vs the node running llama.cpp in-process (tokens/s ratio, TTFT delta).
 
     .venv/bin/python bench/suite.py [--quick] [--out-dir bench/results]
@@ -325,6 +327,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             cmd = [sys.executable, str(HERE / "bench_conversation.py"), "--backend", name]
             report["conversation"][name] = run_json(
                 cmd, args.out_dir / f"bench_conversation_{name}.json")
+    # Constrained output per local backend: validity, decode speed, schema compile cost.
+    report["constrained_output"] = {}
+    for name in ("llama_cpp", "transformers"):
+        if name in available_backends():
+            cmd = [sys.executable, str(HERE / "bench_constrained.py"), "--backend", name]
+            report["constrained_output"][name] = run_json(
+                cmd, args.out_dir / f"bench_constrained_{name}.json")
     if not args.skip_vision:
         cmd = [sys.executable, str(HERE / "bench_vision.py"), "--duration",
                "10" if args.quick else "30"]
@@ -344,6 +353,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     for name, r in report.get("conversation", {}).items():
         if r.get("ratio_13_24_over_1_4") is not None:
             goals[f"{name}_conversation_ttft_ratio<=1.5"] = r["ratio_13_24_over_1_4"] <= 1.5
+    for name, r in report.get("constrained_output", {}).items():
+        for goal, met in r.get("goals", {}).items():
+            goals[f"{name}_constrained_{goal}"] = met
     report["goals"] = goals
     out = args.out_dir / "suite.json"
     write_report(report, out)

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import argparse
 import array
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 DEFAULT_NAMESPACE = "/slm"
 DEMO_PROMPT = "What is the capital of France? Answer in one sentence."
@@ -128,9 +129,62 @@ def _stream_goal(node, client, goal, result_text, out):
     return result, (first[0] if first else 0.0)
 
 
+def response_format_args(args) -> Optional[Dict[str, str]]:
+    """The ResponseFormat fields ``slm-ros ask``'s constraint options ask for (None: free text);
+    ValueError for two options at once or an unreadable file."""
+    chosen = [name for name in ("json_schema", "json", "ros_type", "regex", "grammar")
+              if getattr(args, name, None)]
+    if len(chosen) > 1:
+        raise ValueError(f"choose one of --json-schema, --json, --ros-type, --regex, --grammar "
+                         f"(got {', '.join('--' + c.replace('_', '-') for c in chosen)})")
+    if not chosen:
+        return None
+    kind = chosen[0]
+    if kind == "json":
+        return {"type": "json_object"}
+    if kind == "ros_type":
+        return {"type": "ros_message", "ros_type": args.ros_type}
+    if kind == "regex":
+        return {"type": "regex", "schema": args.regex}
+    source = getattr(args, kind)
+    if kind == "grammar" or not source.lstrip().startswith("{"):
+        try:
+            source = Path(source).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ValueError(f"--{kind.replace('_', '-')}: cannot read {source!r}: "
+                             f"{exc.strerror}") from None
+    return {"type": kind, "schema": source}
+
+
+def tool_args(args) -> List[Dict[str, str]]:
+    """The Tool fields of ``slm-ros ask --tool`` (each a file or the JSON text); ValueError names
+    a tool that cannot be read."""
+    tools = []
+    for source in getattr(args, "tool", None) or []:
+        text = source
+        if not source.lstrip().startswith("{"):
+            try:
+                text = Path(source).read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ValueError(f"--tool: cannot read {source!r}: {exc.strerror}") from None
+        try:
+            value = json.loads(text)
+        except ValueError as exc:
+            raise ValueError(f"--tool {source!r}: not JSON: {exc}") from None
+        if not isinstance(value, dict) or not value.get("name"):
+            raise ValueError(f"--tool {source!r}: a JSON object with a name is needed")
+        parameters = value.get("parameters", "")
+        tools.append({"name": str(value["name"]), "description": str(value.get("description", "")),
+                      "parameters": parameters if isinstance(parameters, str)
+                      else json.dumps(parameters),
+                      "ros_type": str(value.get("ros_type", ""))})
+    return tools
+
+
 def ask(prompt: str, namespace: str = DEFAULT_NAMESPACE, session: str = "", system: str = "",
         reset: bool = False, sampling: Optional[dict] = None, wait_s: float = 30.0,
-        out=sys.stdout) -> int:
+        out=sys.stdout, response_format: Optional[Dict[str, str]] = None,
+        tools: Optional[List[Dict[str, str]]] = None, tool_choice: str = "") -> int:
     """Send one goal to ``<namespace>/generate``, print chunks as they arrive. Returns an exit code."""
     _keep_discovery_local()
     import rclpy
@@ -155,8 +209,16 @@ def ask(prompt: str, namespace: str = DEFAULT_NAMESPACE, session: str = "", syst
         goal.request.reset_session = reset
         for key, value in (sampling or {}).items():
             setattr(goal.request.sampling, key, value)
+        for key, value in (response_format or {}).items():
+            setattr(goal.request.response_format, key, value)
+        if tools:
+            from slm_ros.msg import Tool
+            goal.request.tools = [Tool(**tool) for tool in tools]
+        goal.request.tool_choice = tool_choice
         t0 = time.monotonic()
         result, first = _stream_goal(node, client, goal, lambda r: r.text, out)
+        for tool_call in result.tool_calls:
+            print(f"tool call {tool_call.id}: {tool_call.name} {tool_call.arguments}", file=out)
         s = result.stats
         client_ttft = (first - t0) * 1e3 if first else 0.0
         print(f"[{result.finish_reason}] {s.completion_tokens} tokens, TTFT {client_ttft:.0f} ms "
@@ -426,6 +488,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--system", default="", help="system prompt for this request")
     p.add_argument("--reset", action="store_true", help="forget the session's history first")
     p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the node")
+    g = p.add_argument_group("constrained output (at most one; the answer is then exactly that)")
+    g.add_argument("--json-schema", metavar="FILE|JSON",
+                   help="JSON Schema the answer must validate against (a file or the JSON text)")
+    g.add_argument("--json", action="store_true", help="any JSON object")
+    g.add_argument("--ros-type", metavar="TYPE",
+                   help="answer as the JSON of this ROS type, e.g. geometry_msgs/msg/Twist")
+    g.add_argument("--regex", metavar="PATTERN", help="the whole answer matches this regex")
+    g.add_argument("--grammar", metavar="FILE", help="GBNF grammar file (start symbol root)")
+    g.add_argument("--tool", action="append", default=[], metavar="FILE|JSON",
+                   help='a tool the model may call (repeatable): {"name", "description", '
+                        '"parameters": JSON Schema} or {"name", "description", "ros_type"}')
+    g.add_argument("--tool-choice", default="", help="auto (default), none, required or a name")
     _sampling_args(p)
 
     p = sub.add_parser("up", help="run the node graph (LLM; builder, vision) in the foreground")
@@ -487,8 +561,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command == "plan":
         return plan(args)
     if args.command == "ask":
+        try:
+            fmt, tools = response_format_args(args), tool_args(args)
+        except ValueError as exc:
+            print(f"slm-ros ask: {exc}", file=sys.stderr)
+            return 2
         return ask(args.prompt, args.namespace, args.session, args.system, args.reset,
-                   _sampling(args), args.wait)
+                   _sampling(args), args.wait, response_format=fmt, tools=tools,
+                   tool_choice=args.tool_choice)
     if args.command == "up":
         return up(args)
     return demo(args)

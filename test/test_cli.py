@@ -68,3 +68,49 @@ def test_build_bad_checkpoint_fails_with_reason(tmp_path):
     proc = run("build", "--model", str(tmp_path / "model"), "--cache-dir", str(tmp_path / "c"))
     assert proc.returncode != 0
     assert "config.json" in proc.stderr or "no model" in proc.stderr.lower(), proc.stderr
+
+
+def test_ask_constraint_options(tmp_path):
+    import argparse
+
+    from slm_ros.cli import response_format_args
+
+    def args(**kw):
+        base = dict(json_schema=None, json=False, ros_type=None, regex=None, grammar=None)
+        return argparse.Namespace(**{**base, **kw})
+
+    assert response_format_args(args()) is None
+    assert response_format_args(args(json=True)) == {"type": "json_object"}
+    assert response_format_args(args(ros_type="geometry_msgs/msg/Twist")) == {
+        "type": "ros_message", "ros_type": "geometry_msgs/msg/Twist"}
+    assert response_format_args(args(json_schema='{"type": "object"}')) == {
+        "type": "json_schema", "schema": '{"type": "object"}'}
+    schema_file = tmp_path / "cmd.json"
+    schema_file.write_text('{"type": "integer"}')
+    assert response_format_args(args(json_schema=str(schema_file)))["schema"] == \
+        '{"type": "integer"}'
+    grammar = tmp_path / "yes.gbnf"
+    grammar.write_text('root ::= "yes"')
+    assert response_format_args(args(grammar=str(grammar))) == {"type": "grammar",
+                                                                "schema": 'root ::= "yes"'}
+    with pytest.raises(ValueError, match="choose one of"):
+        response_format_args(args(json=True, regex="a"))
+    with pytest.raises(ValueError, match="cannot read"):
+        response_format_args(args(grammar=str(tmp_path / "missing.gbnf")))
+
+
+def test_ask_tool_options(tmp_path):
+    import argparse
+
+    from slm_ros.cli import tool_args
+    tool = tmp_path / "nav.json"
+    tool.write_text(json.dumps({"name": "navigate_to", "description": "Drive somewhere.",
+                                "parameters": {"type": "object"}}))
+    tools = tool_args(argparse.Namespace(tool=[str(tool), '{"name": "cmd", "ros_type": '
+                                                           '"geometry_msgs/msg/Twist"}']))
+    assert tools == [{"name": "navigate_to", "description": "Drive somewhere.",
+                      "parameters": '{"type": "object"}', "ros_type": ""},
+                     {"name": "cmd", "description": "", "parameters": "",
+                      "ros_type": "geometry_msgs/msg/Twist"}]
+    with pytest.raises(ValueError, match="a JSON object with a name"):
+        tool_args(argparse.Namespace(tool=['{"description": "x"}']))

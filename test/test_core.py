@@ -230,3 +230,12 @@ def test_fit_prompt_never_truncates_the_prompt():
 def test_fit_prompt_clamps_the_answer_budget():
     ids, used, budget = fit_prompt(word_template, "sys", [], "a b c", 20, 100)
     assert used == 0 and budget == 20 - len(ids)
+
+
+def test_nul_characters_never_reach_a_ros_string():
+    """A model can emit a NUL byte token; ROS strings end at NUL, so the detokenizer turns it into
+    U+FFFD (a vision test once saw a result text cut at a generated NUL)."""
+    pieces = {1: "ab", 2: "\x00", 3: "c"}
+    detok = IncrementalDetokenizer(lambda ids: "".join(pieces[i] for i in ids))
+    text = "".join(detok.push(t) for t in (1, 2, 3)) + detok.flush()
+    assert text == "ab\ufffdc"

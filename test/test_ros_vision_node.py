@@ -280,3 +280,28 @@ def test_cli_look_with_an_image_file(manual_setup, tmp_path):
                               str(tmp_path / "nope.jpg"), "--namespace", "/t"],
                              capture_output=True, text=True, env=env, timeout=60, cwd="/")
     assert missing.returncode == 2 and "cannot read image" in missing.stderr
+
+
+def test_constrained_answer_about_the_frame(camera_setup):
+    """A tiny random-weight VLM with a response format answers with JSON that validates (the
+    constraint, not the model, makes it valid; issue 13)."""
+    import json
+
+    import jsonschema
+
+    pytest.importorskip("llguidance", reason="llguidance (the grammar engine) is not installed")
+    from slm_ros.action import AskImage
+    from slm_ros.msg import ResponseFormat
+    _, client, _ = camera_setup
+    schema = {"type": "object", "additionalProperties": False, "required": ["count", "seen"],
+              "properties": {"count": {"type": "integer", "minimum": 0, "maximum": 9},
+                             "seen": {"type": "boolean"}}}
+    goal = AskImage.Goal(question="How many boxes?")
+    goal.response_format = ResponseFormat(type=ResponseFormat.TYPE_JSON_SCHEMA,
+                                          schema=json.dumps(schema))
+    goal.sampling.max_new_tokens = 64
+    handle = wait_future(client.action.send_goal_async(goal))
+    answer = wait_future(handle.get_result_async(), timeout=120).result.answer
+    assert answer.finish_reason == "stop", answer.error
+    jsonschema.validate(json.loads(answer.text), schema)
+    assert answer.header.stamp.sec or answer.header.stamp.nanosec   # still the frame it looked at

@@ -13,7 +13,7 @@ import dataclasses
 import threading
 from typing import Any, ClassVar, Dict, FrozenSet, Iterator, List, Optional, Sequence
 
-from slm_ros.core.errors import ConfigError
+from slm_ros.core.errors import ConfigError, RequestError
 from slm_ros.core.session import Message
 from slm_ros.core.types import SamplingParams
 
@@ -158,6 +158,20 @@ class Backend(BackendBase):
         Stops after at most one more token once ``cancel`` is set. The end-of-sequence token, when
         produced, is yielded last.
         """
+
+    def grammar_tokenizer(self):
+        """The llguidance tokenizer over this model's vocabulary, and the size of the logits
+        vector, for constrained output; backends that cannot constrain decoding raise
+        :class:`~slm_ros.core.errors.RequestError` saying so (the default)."""
+        raise RequestError(f"backend {self.name} does not support response_format (constrained "
+                           f"output); use llama_cpp or transformers")
+
+    def token_constraint(self, constraint):
+        """A fresh per-request :class:`~slm_ros.core.constraints.TokenConstraint` for
+        ``constraint`` (a compiled response format)."""
+        from slm_ros.core.constraints import TokenConstraint
+        tokenizer, vocab_size = self.grammar_tokenizer()
+        return TokenConstraint(constraint, tokenizer, vocab_size)
 
     def warmup(self) -> None:
         """Run one tiny generation so the first real request does not pay one-time setup costs."""

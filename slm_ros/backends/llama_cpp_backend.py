@@ -55,6 +55,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import warnings
 from pathlib import Path
 from typing import FrozenSet, Iterator, List, Optional, Sequence
 
@@ -167,6 +168,8 @@ class LlamaCppBackend(Backend):
         self._info: dict = {}
         #: Leading positions of the KV cache that hold valid evaluations (reusable).
         self._prefilled = 0
+        #: (llguidance tokenizer, vocabulary size) for constrained output, built when first needed.
+        self._grammar_tokenizer = None
         #: Cancel flag the abort callback reads while a prompt is evaluated (None: never abort).
         self._abort_flag: Optional[threading.Event] = None
         # The ctypes callback must outlive every call llama.cpp makes to it: held as long as self.
@@ -307,7 +310,14 @@ class LlamaCppBackend(Backend):
         # _MIN_EVALUATED prompt tokens to evaluate.
         llama.n_tokens = max(0, min(llama.n_tokens, self._prefilled, len(ids) - _MIN_EVALUATED))
         self._prefilled = 0
-        tokens = llama.generate(ids, min_p=0.0, typical_p=1.0,
+        constraint = params.constraint
+        processors = None
+        if constraint is not None:   # constrained output: only tokens that keep it valid
+            def constrain(_input_ids, scores):
+                constraint.mask(scores)
+                return scores
+            processors = llama_cpp.LogitsProcessorList([constrain])
+        tokens = llama.generate(ids, min_p=0.0, typical_p=1.0, logits_processor=processors,
                                 repeat_penalty=params.repetition_penalty, reset=True, **sampling)
         n = 0
         try:
@@ -318,6 +328,12 @@ class LlamaCppBackend(Backend):
             while token is not None:
                 n += 1
                 token = int(token)
+                if constraint is not None and token not in self._eos:
+                    if not constraint.accept(token):
+                        return   # refused by the grammar (constraint.rejected says why)
+                    if constraint.done:
+                        yield token
+                        return
                 yield token
                 if n >= limit or token in self._eos or cancel.is_set():
                     return
@@ -331,6 +347,17 @@ class LlamaCppBackend(Backend):
             raise
         finally:
             tokens.close()
+
+    def grammar_tokenizer(self):
+        if self._grammar_tokenizer is None:
+            from llguidance.llamacpp import lltokenizer_from_vocab
+            vocab = llama_cpp.llama_model_get_vocab(self._require().model)
+            # ~0.4 s for a 49k vocabulary: built on the first constrained request, then kept.
+            with warnings.catch_warnings():   # it calls a llama_cpp alias deprecated per token
+                warnings.simplefilter("ignore", DeprecationWarning)
+                tokenizer = lltokenizer_from_vocab(vocab, eos_token=sorted(self._eos))
+            self._grammar_tokenizer = (tokenizer, int(llama_cpp.llama_vocab_n_tokens(vocab)))
+        return self._grammar_tokenizer
 
     def _should_abort(self, _data) -> bool:
         """ggml's abort callback (compute thread, between graph nodes): True stops llama_decode."""
@@ -357,3 +384,4 @@ class LlamaCppBackend(Backend):
             self._llama = None
         self._template = None
         self._prefilled = 0
+        self._grammar_tokenizer = None

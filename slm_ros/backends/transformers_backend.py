@@ -25,12 +25,13 @@ from typing import FrozenSet, Iterator, Sequence
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, StoppingCriteria
+from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor,
+                          StoppingCriteria)
 from transformers.generation.streamers import BaseStreamer
 
 from slm_ros.backends.base import Backend, BackendConfig
 from slm_ros.backends.hf_tokenizer import HfTokenizerMixin
-from slm_ros.core.errors import ConfigError, ModelLoadError
+from slm_ros.core.errors import ConfigError, ModelLoadError, RequestError
 from slm_ros.core.streaming import iterate_in_thread
 from slm_ros.core.types import SamplingParams
 
@@ -96,6 +97,39 @@ class _CancelCriteria(StoppingCriteria):
 
     def __call__(self, input_ids, scores, **kwargs):
         stop = any(flag.is_set() for flag in self._flags)
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+
+class _ConstraintMask(LogitsProcessor):
+    """Constrained output: every token that would break the request's format gets -inf."""
+
+    def __init__(self, constraint) -> None:
+        self._constraint = constraint
+
+    def __call__(self, input_ids, scores):
+        allowed = torch.from_numpy(self._constraint.allowed())
+        n = min(allowed.shape[0], scores.shape[-1])
+        scores[:, :n] = scores[:, :n].masked_fill(~allowed[:n].to(scores.device), float("-inf"))
+        if scores.shape[-1] > n:   # logits rows past the tokenizer's vocabulary
+            scores[:, n:] = float("-inf")
+        return scores
+
+
+class _ConstraintFeed(StoppingCriteria):
+    """Feeds each sampled token to the request's constraint (before the next step's mask) and
+    stops generation once the output is complete and nothing may follow, or the grammar refused
+    a token."""
+
+    def __init__(self, constraint, prompt_len: int, eos: FrozenSet[int]) -> None:
+        self._constraint, self._seen, self._eos = constraint, prompt_len, eos
+
+    def __call__(self, input_ids, scores, **kwargs):
+        stop = False
+        if input_ids.shape[-1] > self._seen:
+            self._seen = input_ids.shape[-1]
+            token = int(input_ids[0, -1])
+            if token not in self._eos:
+                stop = not self._constraint.accept(token) or self._constraint.done
         return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 
@@ -204,6 +238,20 @@ class ConversationCache:
         self._cache, self._ids, self._prompt_len = None, [], 0
 
 
+def hf_grammar_tokenizer(model, tokenizer, eos: FrozenSet[int]):
+    """(llguidance tokenizer, logits size) for a transformers model and its fast tokenizer, for
+    constrained output (~1 s for a 49k vocabulary: callers build it once and keep it)."""
+    import llguidance.hf
+    head = model.get_output_embeddings()
+    vocab = int(head.weight.shape[0]) if head is not None else len(tokenizer)
+    try:
+        return llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab,
+                                            eos_token=sorted(eos)), vocab
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise RequestError(f"response_format: the grammar engine cannot use this model's "
+                           f"tokenizer ({type(tokenizer).__name__}): {exc}") from None
+
+
 def stream_generate(model, input_ids: "torch.Tensor", params: SamplingParams, eos: FrozenSet[int],
                     cancel: threading.Event, name: str, conversation: "ConversationCache" = None,
                     **extra) -> Iterator[int]:
@@ -218,6 +266,11 @@ def stream_generate(model, input_ids: "torch.Tensor", params: SamplingParams, eo
         if params.seed:
             torch.manual_seed(params.seed)
         hooks = _interrupt_prefill(model, cancel, halt)
+        stopping = [_CancelCriteria(cancel, halt)]
+        processors = []
+        if params.constraint is not None:
+            processors.append(_ConstraintMask(params.constraint))
+            stopping.append(_ConstraintFeed(params.constraint, input_ids.shape[-1], eos))
         try:
             with torch.inference_mode():
                 model.generate(
@@ -225,7 +278,8 @@ def stream_generate(model, input_ids: "torch.Tensor", params: SamplingParams, eo
                     attention_mask=torch.ones_like(input_ids),
                     generation_config=config,
                     streamer=_TokenStreamer(emit),
-                    stopping_criteria=[_CancelCriteria(cancel, halt)],
+                    stopping_criteria=stopping,
+                    logits_processor=processors,
                     **({"past_key_values": past} if past is not None else {}),
                     **extra,
                 )
@@ -274,6 +328,7 @@ class TransformersBackend(HfTokenizerMixin, Backend):
         self._eos: FrozenSet[int] = frozenset()
         self._info: dict = {}
         self._conversation = ConversationCache()
+        self._grammar_tokenizer = None
 
     def load(self, config: BackendConfig) -> None:
         device = resolve_device(config.device)
@@ -328,12 +383,18 @@ class TransformersBackend(HfTokenizerMixin, Backend):
         return stream_generate(model, input_ids, params, self._eos, cancel,
                                name="slm-transformers-generate", conversation=self._conversation)
 
+    def grammar_tokenizer(self):
+        if self._grammar_tokenizer is None:
+            self._grammar_tokenizer = hf_grammar_tokenizer(self._model, self._tokenizer, self._eos)
+        return self._grammar_tokenizer
+
     def describe(self) -> dict:
         return dict(self._info)
 
     def close(self) -> None:
         self._model = None
         self._tokenizer = None
+        self._grammar_tokenizer = None
         self._conversation.drop()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -36,6 +36,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_
 from slm_ros.backends.base import Backend, BackendConfig, Prompt
 from slm_ros.backends.hf_tokenizer import LiteralControlTokens, hf_control_tokens, hf_encode_literal
 from slm_ros.backends.transformers_backend import (
+    hf_grammar_tokenizer,
     resolve_device,
     resolve_dtype,
     stream_generate,
@@ -131,6 +132,7 @@ class TransformersVlmBackend(Backend):
         self._model = None
         self._processor = None
         self._tokenizer = None
+        self._grammar_tokenizer = None
         self._template = None
         self._image_options: Dict[str, Any] = {}
         self._device = "cpu"
@@ -317,6 +319,11 @@ class TransformersVlmBackend(Backend):
         return stream_generate(model, input_ids, params, self._eos, cancel,
                                name="slm-transformers-vlm-generate", **extra)
 
+    def grammar_tokenizer(self):
+        if self._grammar_tokenizer is None:
+            self._grammar_tokenizer = hf_grammar_tokenizer(self._model, self._tokenizer, self._eos)
+        return self._grammar_tokenizer
+
     def _to_device(self, value: Any) -> Any:
         """Processor outputs onto the model's device; pixel tensors also in the model's dtype."""
         if not isinstance(value, torch.Tensor):
@@ -339,5 +346,6 @@ class TransformersVlmBackend(Backend):
         self._model = None
         self._processor = None
         self._tokenizer = None
+        self._grammar_tokenizer = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

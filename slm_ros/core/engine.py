@@ -24,6 +24,7 @@ import uuid
 from typing import Callable, Deque, List, Optional, Set
 
 from slm_ros.backends.base import BackendBase, TextStreamBackend
+from slm_ros.core.constraints import compile_format, plan_tools
 from slm_ros.core.errors import BackendError, ConfigError, RequestError, SlmError
 from slm_ros.core.session import SessionStore, Turn, build_messages, fit_prompt
 from slm_ros.core.streaming import IncrementalDetokenizer, StopStringFilter
@@ -363,13 +364,24 @@ class Engine:
         t_start = time.monotonic()
         if request.reset_session:
             self._sessions.reset(request.session)
+        system = request.system_prompt or self._config.system_prompt
         try:
+            tools = plan_tools(request.tools, request.tool_choice)
+            formatted = request.response_format is not None and request.response_format.constrained
+            if tools is not None and formatted:
+                raise RequestError("response_format and tools cannot be combined (set tool_choice "
+                                   "none to use the response format)")
+            if tools is not None:
+                system = f"{system}\n\n{tools.prompt}".strip()
             template = functools.partial(backend.apply_chat_template, images=self._images(request))
             prompt_ids, _, budget = fit_prompt(
-                template,
-                request.system_prompt or self._config.system_prompt,
-                self._sessions.history(request.session),
+                template, system, self._sessions.history(request.session),
                 request.prompt, self._context, params.max_new_tokens)
+            constraint = None
+            if tools is not None:
+                constraint = backend.token_constraint(tools.constraint)
+            elif formatted:
+                constraint = backend.token_constraint(compile_format(request.response_format))
         except RequestError as exc:
             self._refuse_started(job, exc, t_start)
             return
@@ -384,8 +396,8 @@ class Engine:
         n = 0
         t_first = t_last = 0.0
         finish = None
-        for token in backend.generate(prompt_ids, dataclasses.replace(params, max_new_tokens=budget),
-                                      job.cancel):
+        for token in backend.generate(prompt_ids, dataclasses.replace(
+                params, max_new_tokens=budget, constraint=constraint), job.cancel):
             t_last = time.monotonic()
             if n == 0:
                 t_first = t_last
@@ -419,7 +431,21 @@ class Engine:
         if finish is FinishReason.CANCELLED:
             self._finish_cancelled(job, len(prompt_ids), n, tail, t_start, stats)
             return
-        self._succeed(job, pieces, tail, finish, stats)
+        calls = ()
+        if constraint is not None:
+            problem = constraint.rejected or constraint.constraint.problem(
+                "".join(pieces), constraint.complete, finish is FinishReason.LENGTH)
+            if not problem and tools is not None:
+                try:
+                    calls = tools.calls("".join(pieces), request.request_id)
+                except RequestError as exc:
+                    problem = str(exc)
+            if problem:
+                self.counters.failed += 1
+                self._log.warning(f"request {request.request_id}: {problem}")
+                job.finish(tail, finish_reason=FinishReason.ERROR, error=problem, stats=stats)
+                return
+        self._succeed(job, pieces, tail, finish, stats, calls)
 
     def _run_text(self, job: _Job) -> None:
         """One request on a text-streaming backend: the conversation goes out as messages (history
@@ -429,6 +455,12 @@ class Engine:
         t_start = time.monotonic()
         if request.reset_session:
             self._sessions.reset(request.session)
+        if (request.response_format is not None and request.response_format.constrained) or \
+                (request.tools and request.tool_choice.strip() != "none"):
+            self._refuse_started(job, RequestError(
+                f"backend {backend.name} does not support response_format or tools (constrained "
+                f"output) yet; use llama_cpp or transformers"), t_start)
+            return
         messages = build_messages(request.system_prompt or self._config.system_prompt,
                                   self._sessions.history(request.session), request.prompt)
         try:
@@ -447,7 +479,7 @@ class Engine:
                 if n == 0:
                     t_first = t_last
                 n += 1
-                text = stops.feed(delta)
+                text = stops.feed(delta.replace("\x00", "\ufffd"))   # ROS strings end at NUL
                 if text:
                     pieces.append(text)
                     job.stream(text)
@@ -490,14 +522,14 @@ class Engine:
         job.fail(str(exc), self._stats(job, 0, 0, t_start=t_start))
 
     def _succeed(self, job: _Job, pieces: List[str], tail: str, finish: FinishReason,
-                 stats: Stats) -> None:
+                 stats: Stats, tool_calls: tuple = ()) -> None:
         """Record the finished turn in its session and send the final chunk."""
         request = job.request
         self._sessions.append(request.session, Turn(request.prompt, "".join(pieces)))
         self.counters.succeeded += 1
         self.counters.last_ttft_ms = stats.time_to_first_token_ms
         self.counters.last_tokens_per_second = stats.tokens_per_second
-        job.finish(tail, finish_reason=finish, stats=stats)
+        job.finish(tail, finish_reason=finish, stats=stats, tool_calls=tool_calls)
 
     def _finish_cancelled(self, job, prompt_tokens, n, tail, t_start, stats=None):
         if job.abort_reason:

@@ -40,6 +40,9 @@ class SamplingParams:
     repetition_penalty: float = 1.1
     seed: int = 0
     stop: Tuple[str, ...] = ()
+    #: The request's :class:`~slm_ros.core.constraints.TokenConstraint` (constrained output), set
+    #: by the engine per request; backends mask logits with it and feed it each sampled token.
+    constraint: Optional[Any] = dataclasses.field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         _check_sampling(self, ConfigError, "default_")
@@ -126,6 +129,12 @@ class Request:
     #: callable may raise :class:`~slm_ros.core.errors.RequestError` (no frame, frame too old, bad
     #: image): the request then ends with that error.
     image: Optional[Any] = dataclasses.field(default=None, compare=False, repr=False)
+    #: What the output must be (:class:`~slm_ros.core.constraints.ResponseFormat`); None = text.
+    response_format: Optional[Any] = None
+    #: Tools the model may call (:class:`~slm_ros.core.constraints.Tool`) and ``tool_choice``:
+    #: "" / "auto", "none", "required" or one tool's name.
+    tools: Tuple[Any, ...] = ()
+    tool_choice: str = ""
 
     @property
     def session(self) -> str:
@@ -158,3 +167,5 @@ class Chunk:
     finish_reason: Optional[FinishReason] = None
     error: str = ""
     stats: Optional[Stats] = None
+    #: Final chunk only: the tool calls the model made (:class:`~slm_ros.core.constraints.ToolCall`).
+    tool_calls: Tuple[Any, ...] = ()

@@ -27,7 +27,8 @@ from slm_ros.core.errors import SlmError
 from slm_ros.core.types import Chunk, FinishReason
 from slm_ros.msg import GenerateRequest, TokenChunk
 from slm_ros.ros import qos
-from slm_ros.ros.conversions import request_from_msg, request_from_prompt, stats_to_msg
+from slm_ros.ros.conversions import (request_from_msg, request_from_prompt, stats_to_msg,
+                                     tool_calls_to_msg)
 from slm_ros.ros.diagnostics import shorten
 from slm_ros.ros.model_node import GoalRun, ModelNode, model_parameters, run
 
@@ -124,7 +125,8 @@ class LlmNode(ModelNode):
                 engine.cancel(request_id)
         return GoalRun(done, out, lambda chunk, text: Generate.Result(
             request_id=chunk.request_id, text=text, finish_reason=chunk.finish_reason.value,
-            error=chunk.error, stats=stats_to_msg(chunk.stats)),
+            error=chunk.error, stats=stats_to_msg(chunk.stats),
+            tool_calls=tool_calls_to_msg(chunk.tool_calls)),
             lambda error: self.goal_error_result(goal_handle, error))
 
     def goal_error_result(self, goal_handle, error: str) -> Generate.Result:

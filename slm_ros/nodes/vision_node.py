@@ -40,7 +40,8 @@ from slm_ros.core.vision import (FIT_POLICIES, EncodedImage, FrameSlot, RawImage
                                  check_frame, check_size, fit_image)
 from slm_ros.msg import TokenChunk, VisionAnswer
 from slm_ros.ros import qos
-from slm_ros.ros.conversions import sampling_from_msg, stamp_from_ns, stamp_ns, stats_to_msg
+from slm_ros.ros.conversions import (response_format_from_msg, sampling_from_msg, stamp_from_ns,
+                                     stamp_ns, stats_to_msg)
 from slm_ros.ros.diagnostics import shorten
 from slm_ros.ros.model_node import GoalRun, ModelNode, model_parameters, run
 from slm_ros.ros.params import ParamSpec
@@ -274,7 +275,8 @@ class VisionNode(ModelNode):
                                 finish_reason=FinishReason.ERROR.value, error=error)
 
     def _submit(self, question: str, sink_factory, request_id: str = "", session_id: str = "",
-                sampling=None, goal_image: Optional[Image] = None, periodic: bool = False):
+                sampling=None, goal_image: Optional[Image] = None, periodic: bool = False,
+                response_format=None):
         record: dict = {}
         sink = sink_factory(question, record)
         engine = self._engine
@@ -289,7 +291,9 @@ class VisionNode(ModelNode):
                               reset_session=not session_id,
                               sampling=(sampling_from_msg(sampling) if sampling is not None
                                         else SamplingOverrides()),
-                              image=self._image_source(record, goal_image))
+                              image=self._image_source(record, goal_image),
+                              response_format=(response_format_from_msg(response_format)
+                                               if response_format is not None else None))
         except SlmError as exc:
             engine.reject(f"invalid request: {exc}", sink, request_id, session_id)
             return request_id
@@ -332,7 +336,7 @@ class VisionNode(ModelNode):
             else None
         self._submit(goal.question, lambda q, r: self._sink(q, r, goal_handle, done, out),
                      request_id=request_id, session_id=goal.session_id, sampling=goal.sampling,
-                     goal_image=image)
+                     goal_image=image, response_format=goal.response_format)
         if goal_handle.is_cancel_requested and self._engine is not None:
             self._engine.cancel(request_id)
         return GoalRun(done, out, lambda _chunk, answer: AskImage.Result(answer=answer),

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import uuid
+from typing import Optional
 
+from slm_ros.core.constraints import (JSON_SCHEMA, ROS_MESSAGE, ResponseFormat, Tool,
+                                      parse_response_format)
+from slm_ros.core.errors import RequestError
 from slm_ros.core.types import Chunk, Request, SamplingOverrides, Stats
-from slm_ros.msg import GenerateRequest, GenerationStats, SamplingConfig, TokenChunk
+from slm_ros.msg import GenerateRequest, GenerationStats, SamplingConfig, TokenChunk, ToolCall
+from slm_ros.ros.ros_schema import schema_text_for
 
 
 def sampling_from_msg(msg: SamplingConfig) -> SamplingOverrides:
@@ -33,7 +38,34 @@ def request_from_msg(msg: GenerateRequest) -> Request:
         system_prompt=msg.system_prompt,
         reset_session=bool(msg.reset_session),
         sampling=sampling_from_msg(msg.sampling),
+        response_format=response_format_from_msg(msg.response_format),
+        tools=tuple(tool_from_msg(t) for t in msg.tools),
+        tool_choice=msg.tool_choice,
     )
+
+
+def tool_from_msg(msg) -> Tool:
+    """A core Tool; a ``ros_type`` becomes the arguments' JSON Schema (RequestError naming an
+    unknown type)."""
+    parameters = msg.parameters
+    if not parameters.strip() and msg.ros_type.strip():
+        parameters = schema_text_for(msg.ros_type)
+    return Tool(msg.name, msg.description, parameters)
+
+
+def response_format_from_msg(msg) -> Optional[ResponseFormat]:
+    """The core ResponseFormat of a ``slm_ros/ResponseFormat`` (None for free text); a
+    ``ros_message`` type becomes the JSON Schema of its ROS type here (RequestError naming an
+    unknown type)."""
+    fmt = parse_response_format(msg.type, msg.schema, msg.ros_type)
+    if not fmt.constrained:
+        return None
+    if fmt.type == ROS_MESSAGE:
+        if not fmt.ros_type:
+            raise RequestError("response_format ros_message: ros_type is empty (e.g. "
+                               "geometry_msgs/msg/Twist)")
+        return ResponseFormat(JSON_SCHEMA, schema_text_for(fmt.ros_type), fmt.ros_type)
+    return fmt
 
 
 def request_from_prompt(text: str) -> Request:
@@ -66,7 +98,12 @@ def chunk_to_msg(chunk: Chunk, stamp) -> TokenChunk:
     msg.error = chunk.error
     if chunk.stats is not None:
         msg.stats = stats_to_msg(chunk.stats)
+    msg.tool_calls = tool_calls_to_msg(chunk.tool_calls)
     return msg
+
+
+def tool_calls_to_msg(calls) -> list:
+    return [ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in calls]
 
 
 #: builtin_interfaces/Time.sec is an int32.
