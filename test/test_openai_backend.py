@@ -357,6 +357,8 @@ def test_remote_config_is_validated():
         RemoteConfig(token_timeout_s=0)
     with pytest.raises(ConfigError, match="remote.max_in_flight"):
         RemoteConfig(max_in_flight=0)
+    with pytest.raises(ConfigError, match="remote.json_schema_style"):
+        RemoteConfig(json_schema_style="xml")
 
 
 def test_sse_line_parsing():
@@ -396,5 +398,75 @@ def test_real_server_stream_equals_its_non_streamed_greedy_answer(llama_server):
                                       temperature=0.0, top_p=1.0)
         assert text == reference["choices"][0]["message"]["content"]
         assert "Paris" in text
+    finally:
+        r.close()
+
+
+# -- constrained output (response_format) -------------------------------------------------------
+
+SCHEMA = {"type": "object", "required": ["action"], "additionalProperties": False,
+          "properties": {"action": {"enum": ["go", "stop"]}}}
+
+
+def _ask_format(r: Remote, fmt, prompt: str = "Command?", **sampling):
+    rid = r.engine.submit(Request(prompt=prompt, response_format=fmt,
+                                  sampling=SamplingOverrides(**sampling)), r.collect)
+    return r.final(rid)
+
+
+def test_response_format_goes_to_the_server_and_its_output_is_validated(stub, remote):
+    import json as _json
+
+    from slm_ros.core.constraints import ResponseFormat
+    fmt = ResponseFormat("json_schema", _json.dumps(SCHEMA))
+    stub.script(ok(text='{"action": "go"}'))
+    final, text = _ask_format(remote, fmt)
+    assert final.finish_reason == "stop" and _json.loads(text) == {"action": "go"}
+    assert stub.requests[-1]["body"]["response_format"] == {
+        "type": "json_schema", "json_schema": {"name": "response", "schema": SCHEMA,
+                                               "strict": True}}
+    # A server that ignores the format: its invalid output is never passed as a success.
+    stub.script(ok(text='{"action": "dance"}'))
+    final, text = _ask_format(remote, fmt)
+    assert final.finish_reason == "error" and "failed validation on the robot" in final.error
+    assert text == '{"action": "dance"}'   # kept
+    stub.script(ok(text="Sure! Here you go"))
+    final, _ = _ask_format(remote, fmt)
+    assert final.finish_reason == "error" and "not valid JSON" in final.error
+    stub.script(ok(text='{"action": "g', finish_reason="length"))
+    final, _ = _ask_format(remote, fmt)
+    assert final.finish_reason == "error" and "output cut at max_new_tokens" in final.error
+    stub.script(ok(text='{"a": 1}'))
+    final, _ = _ask_format(remote, ResponseFormat("json_object"))
+    assert final.finish_reason == "stop"
+    assert stub.requests[-1]["body"]["response_format"] == {"type": "json_object"}
+
+
+def test_formats_the_openai_api_cannot_express_are_refused(stub, remote):
+    from slm_ros.core.constraints import ResponseFormat, Tool
+    n = len(stub.requests)
+    final, _ = _ask_format(remote, ResponseFormat("regex", "yes|no"))
+    assert final.finish_reason == "error" and "OpenAI API has only json_object and json_schema" \
+        in final.error
+    rid = remote.engine.submit(Request(prompt="x", tools=(Tool("go"),)), remote.collect)
+    final, _ = remote.final(rid)
+    assert final.finish_reason == "error" and "does not support tools" in final.error
+    assert len(stub.requests) == n   # nothing was sent
+
+
+def test_real_server_honours_a_json_schema(llama_server):
+    import json as _json
+
+    import jsonschema
+
+    from slm_ros.core.constraints import ResponseFormat
+    r = Remote(llama_server.base_url, json_schema_style="json_object",
+               defaults=SamplingParams(max_new_tokens=64, repetition_penalty=1.0))
+    try:
+        for prompt in ("Go now.", "Stop!"):
+            final, text = _ask_format(r, ResponseFormat("json_schema", _json.dumps(SCHEMA)),
+                                      prompt, max_new_tokens=64)
+            assert final.finish_reason == "stop", (final.error, text)
+            jsonschema.validate(_json.loads(text), SCHEMA)
     finally:
         r.close()

@@ -34,6 +34,10 @@ class RemoteConfig:
     max_retries: int = 2
     max_retry_wait_s: float = 30.0
     extra_sampling: bool = True
+    #: How a JSON Schema response format is sent: "openai" (``{"type": "json_schema", ...}``:
+    #: vLLM, trtllm-serve, Ollama, OpenAI) or "json_object" (``{"type": "json_object", "schema":
+    #: ...}``: llama-cpp-python's server).
+    json_schema_style: str = "openai"
 
     def __post_init__(self) -> None:
         url = self.base_url.strip()
@@ -49,6 +53,9 @@ class RemoteConfig:
             raise ConfigError(f"remote.max_retries must be >= 0, got {self.max_retries}")
         if self.max_retry_wait_s < 0:
             raise ConfigError(f"remote.max_retry_wait_s must be >= 0, got {self.max_retry_wait_s}")
+        if self.json_schema_style not in ("openai", "json_object"):
+            raise ConfigError(f"remote.json_schema_style must be openai or json_object, got "
+                              f"{self.json_schema_style!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -49,6 +49,25 @@ RETRY_TRANSPORT = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadErro
 _POLL_S = 0.02
 
 
+def response_format_body(constraint, style: str = "openai") -> Dict[str, Any]:
+    """The OpenAI ``response_format`` for a compiled response format: ``json_object``, or the
+    schema (``style`` openai: ``json_schema``, strict; json_object: llama-cpp-python's
+    ``{"type": "json_object", "schema": ...}``). The OpenAI API has no regex or grammar: those are
+    refused (RequestError) rather than sent unconstrained. Whatever the server returns is validated
+    on the robot before it is called a success (the engine)."""
+    from slm_ros.core.constraints import JSON_OBJECT, JSON_SCHEMA
+    if constraint.kind == JSON_OBJECT and constraint.schema == {"type": "object"}:
+        return {"type": "json_object"}
+    if constraint.kind in (JSON_OBJECT, JSON_SCHEMA):
+        if style == "json_object":
+            return {"type": "json_object", "schema": constraint.schema}
+        return {"type": "json_schema",
+                "json_schema": {"name": "response", "schema": constraint.schema, "strict": True}}
+    raise RequestError(f"the openai backend cannot send a {constraint.kind} response_format: the "
+                       f"OpenAI API has only json_object and json_schema (use llama_cpp or "
+                       f"transformers for regex and grammar)")
+
+
 class OpenAiBackend(TextStreamBackend):
     """A client of one OpenAI-compatible server; see the module docstring."""
 
@@ -173,6 +192,9 @@ class OpenAiBackend(TextStreamBackend):
             body["seed"] = params.seed
         if params.stop:
             body["stop"] = list(params.stop)
+        if params.constraint is not None:
+            body["response_format"] = response_format_body(params.constraint,
+                                                           self._config.json_schema_style)
         if self._config.extra_sampling:
             if params.top_k:
                 body["top_k"] = params.top_k

@@ -455,15 +455,17 @@ class Engine:
         t_start = time.monotonic()
         if request.reset_session:
             self._sessions.reset(request.session)
-        if (request.response_format is not None and request.response_format.constrained) or \
-                (request.tools and request.tool_choice.strip() != "none"):
-            self._refuse_started(job, RequestError(
-                f"backend {backend.name} does not support response_format or tools (constrained "
-                f"output) yet; use llama_cpp or transformers"), t_start)
-            return
         messages = build_messages(request.system_prompt or self._config.system_prompt,
                                   self._sessions.history(request.session), request.prompt)
+        constraint = None
         try:
+            if request.tools and request.tool_choice.strip() != "none":
+                raise RequestError(f"backend {backend.name} does not support tools yet; use "
+                                   f"llama_cpp or transformers")
+            if request.response_format is not None and request.response_format.constrained:
+                # The server constrains (where its API can say it); the result is validated here.
+                constraint = compile_format(request.response_format)
+                params = dataclasses.replace(params, constraint=constraint)
             stream = backend.stream_chat(messages, self._images(request), params, job.cancel)
         except RequestError as exc:
             self._refuse_started(job, exc, t_start)
@@ -505,6 +507,16 @@ class Engine:
             return
         else:
             finish = FinishReason(stream.finish_reason)
+        if constraint is not None:
+            text = "".join(pieces)
+            problem = constraint.problem(text, not constraint.problem(text, True, False),
+                                         finish is FinishReason.LENGTH)
+            if problem:
+                problem = f"the server's output failed validation on the robot: {problem}"
+                self.counters.failed += 1
+                self._log.warning(f"request {request.request_id}: {problem}")
+                job.finish(tail, finish_reason=FinishReason.ERROR, error=problem, stats=stats)
+                return
         self._succeed(job, pieces, tail, finish, stats)
 
     @staticmethod

@@ -148,6 +148,11 @@ def model_parameters(backends: Sequence[str], default_model: str,
                   "openai backend: also send top_k and the repetition penalty (repetition_penalty "
                   "for vLLM/trtllm-serve, repeat_penalty for llama.cpp), which the OpenAI API "
                   "does not define. False = standard fields only, for strict servers."),
+        ParamSpec("remote.json_schema_style", _R.json_schema_style,
+                  "openai backend: how a JSON Schema response_format is sent: openai "
+                  "({type: json_schema, json_schema: {schema}}: vLLM, trtllm-serve, Ollama) or "
+                  "json_object ({type: json_object, schema}: llama-cpp-python's server). The "
+                  "output is validated on the robot either way."),
         ParamSpec("wait_for_builder", False,
                   "Wait at configure for the engine builder's READY status and load the artifact "
                   "it announces (its backend and path replace `backend` and `model`)."),
