@@ -274,7 +274,7 @@ def demo(args) -> int:
 
 def look(question: str, namespace: str = DEFAULT_NAMESPACE, image_path: str = "",
          session: str = "", sampling: Optional[dict] = None, wait_s: float = 30.0,
-         out=sys.stdout) -> int:
+         out=sys.stdout, response_format: Optional[Dict[str, str]] = None) -> int:
     """Ask the vision node's ``ask`` action; stream the answer; say which frame was looked at."""
     _keep_discovery_local()
     image = None
@@ -303,6 +303,8 @@ def look(question: str, namespace: str = DEFAULT_NAMESPACE, image_path: str = ""
         goal = AskImage.Goal(question=question, session_id=session)
         for key, value in (sampling or {}).items():
             setattr(goal.sampling, key, value)
+        for key, value in (response_format or {}).items():
+            setattr(goal.response_format, key, value)
         if image is not None:
             goal.image.height, goal.image.width = image.shape[:2]
             goal.image.encoding, goal.image.step = "rgb8", image.shape[1] * 3
@@ -544,6 +546,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--namespace", default=DEFAULT_NAMESPACE)
     p.add_argument("--session", default="")
     p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the node")
+    g = p.add_argument_group("constrained output (at most one; the answer is then exactly that)")
+    g.add_argument("--json-schema", metavar="FILE|JSON",
+                   help='JSON Schema the answer must validate against, e.g. {"type": "object", '
+                        '"properties": {"count": {"type": "integer"}}}')
+    g.add_argument("--json", action="store_true", help="any JSON object")
+    g.add_argument("--ros-type", metavar="TYPE", help="answer as the JSON of this ROS type")
+    g.add_argument("--regex", metavar="PATTERN", help="the whole answer matches this regex")
+    g.add_argument("--grammar", metavar="FILE", help="GBNF grammar file (start symbol root)")
     _sampling_args(p)
 
     p = sub.add_parser("build", help="build or reuse a cached artifact for a backend")
@@ -554,8 +564,13 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     args = parser.parse_args(argv)
     if args.command == "look":
+        try:
+            fmt = response_format_args(args)
+        except ValueError as exc:
+            print(f"slm-ros look: {exc}", file=sys.stderr)
+            return 2
         return look(args.question, args.namespace, args.image, args.session, _sampling(args),
-                    args.wait)
+                    args.wait, response_format=fmt)
     if args.command == "build":
         return build(args)
     if args.command == "plan":

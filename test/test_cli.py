@@ -114,3 +114,10 @@ def test_ask_tool_options(tmp_path):
                       "ros_type": "geometry_msgs/msg/Twist"}]
     with pytest.raises(ValueError, match="a JSON object with a name"):
         tool_args(argparse.Namespace(tool=['{"description": "x"}']))
+
+
+@pytest.mark.parametrize("command", ["ask", "look"])
+def test_conflicting_constraint_options_exit_2_before_any_ros(command):
+    proc = run(command, "How many boxes?", "--json", "--regex", "[0-9]", timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "choose one of" in proc.stderr
