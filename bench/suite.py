@@ -320,20 +320,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             cmd = [sys.executable, str(HERE / "bench_peer.py"), "--backend", "llama_cpp",
                    *(["--repeats", "1"] if args.quick else [])]
             report["callback_peer"] = run_json(cmd, args.out_dir / "bench_peer_llama_cpp.json")
-    # A 24-turn chat per local backend: first-token time per turn (history trimmed in blocks).
-    report["conversation"] = {}
-    for name in ("llama_cpp", "transformers"):
-        if name in available_backends():
-            cmd = [sys.executable, str(HERE / "bench_conversation.py"), "--backend", name]
-            report["conversation"][name] = run_json(
-                cmd, args.out_dir / f"bench_conversation_{name}.json")
-    # Constrained output per local backend: validity, decode speed, schema compile cost.
-    report["constrained_output"] = {}
-    for name in ("llama_cpp", "transformers"):
-        if name in available_backends():
-            cmd = [sys.executable, str(HERE / "bench_constrained.py"), "--backend", name]
-            report["constrained_output"][name] = run_json(
-                cmd, args.out_dir / f"bench_constrained_{name}.json")
+    # Per local backend: a 24-turn chat (first-token time per turn, history trimmed in blocks) and
+    # constrained output (validity, decode speed, schema compile cost).
+    for key, script in (("conversation", "bench_conversation"),
+                        ("constrained_output", "bench_constrained")):
+        report[key] = {}
+        for name in ("llama_cpp", "transformers"):
+            if name in available_backends():
+                cmd = [sys.executable, str(HERE / f"{script}.py"), "--backend", name]
+                report[key][name] = run_json(cmd, args.out_dir / f"{script}_{name}.json")
     if not args.skip_vision:
         cmd = [sys.executable, str(HERE / "bench_vision.py"), "--duration",
                "10" if args.quick else "30"]

@@ -146,14 +146,20 @@ def response_format_args(args) -> Optional[Dict[str, str]]:
         return {"type": "ros_message", "ros_type": args.ros_type}
     if kind == "regex":
         return {"type": "regex", "schema": args.regex}
-    source = getattr(args, kind)
-    if kind == "grammar" or not source.lstrip().startswith("{"):
-        try:
-            source = Path(source).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ValueError(f"--{kind.replace('_', '-')}: cannot read {source!r}: "
-                             f"{exc.strerror}") from None
-    return {"type": kind, "schema": source}
+    option = f"--{kind.replace('_', '-')}"
+    return {"type": kind, "schema": _file_or_text(getattr(args, kind), option,
+                                                  inline_json=kind == "json_schema")}
+
+
+def _file_or_text(source: str, option: str, inline_json: bool = True) -> str:
+    """``source`` itself when it is inline JSON (starts with ``{``; only if ``inline_json``), else
+    the text of the file it names; ValueError naming ``option`` when that cannot be read."""
+    if inline_json and source.lstrip().startswith("{"):
+        return source
+    try:
+        return Path(source).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"{option}: cannot read {source!r}: {exc.strerror}") from None
 
 
 def tool_args(args) -> List[Dict[str, str]]:
@@ -161,12 +167,7 @@ def tool_args(args) -> List[Dict[str, str]]:
     a tool that cannot be read."""
     tools = []
     for source in getattr(args, "tool", None) or []:
-        text = source
-        if not source.lstrip().startswith("{"):
-            try:
-                text = Path(source).read_text(encoding="utf-8")
-            except OSError as exc:
-                raise ValueError(f"--tool: cannot read {source!r}: {exc.strerror}") from None
+        text = _file_or_text(source, "--tool")
         try:
             value = json.loads(text)
         except ValueError as exc:

@@ -55,9 +55,12 @@ PROMPTS = [
 GREEDY = SamplingParams(max_new_tokens=96, temperature=0.0)
 
 
-def ask(engine, prompt: str, fmt: ResponseFormat, timeout: float = 120.0, **sampling):
+def ask(engine, prompt: str, fmt: ResponseFormat = None, tools=(), choice: str = "",
+        timeout: float = 120.0, **sampling):
+    """One request in a fresh session: (text, final chunk, every chunk)."""
     sink = Collector(timeout=timeout)
     rid = engine.submit(Request(prompt=prompt, session_id=uuid.uuid4().hex, response_format=fmt,
+                                tools=tools, tool_choice=choice,
                                 sampling=SamplingOverrides(**sampling)), sink)
     final = sink.final(rid)
     return sink.text(rid), final, sink.chunks[rid]
@@ -208,11 +211,8 @@ SCHEMAS = {t.name: json.loads(t.parameters) for t in TOOLS}
 
 
 def call(engine, prompt: str, tools=TOOLS, choice: str = "", **sampling):
-    sink = Collector(timeout=120)
-    rid = engine.submit(Request(prompt=prompt, session_id=uuid.uuid4().hex, tools=tools,
-                                tool_choice=choice, sampling=SamplingOverrides(**sampling)), sink)
-    final = sink.final(rid)
-    return sink.text(rid), final
+    text, final, _ = ask(engine, prompt, tools=tools, choice=choice, **sampling)
+    return text, final
 
 
 @pytest.mark.parametrize("engine_name", ["smollm2", "tiny"])
@@ -260,8 +260,5 @@ def test_tool_choice_none_ignores_the_tools(smollm2):
     (TOOLS, "required", ResponseFormat("json_object"), "cannot be combined"),
 ], ids=["duplicate", "unknown-choice", "bad-schema", "empty-name", "with-response-format"])
 def test_bad_tool_requests_get_an_error_naming_the_problem(smollm2, tools, choice, fmt, expected):
-    sink = Collector(timeout=60)
-    rid = smollm2.submit(Request(prompt="Go.", session_id=uuid.uuid4().hex, tools=tools,
-                                 tool_choice=choice, response_format=fmt), sink)
-    final = sink.final(rid)
+    _, final, _ = ask(smollm2, "Go.", fmt, tools=tools, choice=choice, timeout=60)
     assert final.finish_reason is FinishReason.ERROR and expected in final.error, final.error

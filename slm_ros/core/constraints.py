@@ -90,8 +90,8 @@ class Constraint:
                 try:
                     jsonschema.validate(value, self.schema)
                 except jsonschema.ValidationError as exc:
-                    where = "/".join(str(p) for p in exc.absolute_path) or "(root)"
-                    return f"output does not validate against the schema at {where}: {exc.message}"
+                    return (f"output does not validate against the schema at {_path(exc)}: "
+                            f"{exc.message}")
             return ""
         if self.kind == REGEX:
             try:
@@ -159,10 +159,14 @@ def _load_schema(text: str) -> Any:
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as exc:
-        where = "/".join(str(p) for p in exc.absolute_path) or "(root)"
-        raise RequestError(f"response_format json_schema: invalid JSON Schema at {where}: "
+        raise RequestError(f"response_format json_schema: invalid JSON Schema at {_path(exc)}: "
                            f"{exc.message}") from None
     return schema
+
+
+def _path(exc) -> str:
+    """Where in the document a jsonschema error is: ``a/0/b``, or ``(root)``."""
+    return "/".join(str(p) for p in exc.absolute_path) or "(root)"
 
 
 def _checked(matcher, build, what: str) -> str:
@@ -187,8 +191,7 @@ class TokenConstraint:
         self._matcher = llguidance.LLMatcher(tokenizer, constraint.grammar)
         if self._matcher.is_error():
             raise RequestError(f"response_format cannot be enforced: {self._matcher.get_error()}")
-        self._words = (vocab_size + 31) // 32
-        self._bits = np.empty(self._words, dtype=np.int32)
+        self._bits = np.empty((vocab_size + 31) // 32, dtype=np.int32)
         self._vocab = vocab_size
         self.rejected = ""
 

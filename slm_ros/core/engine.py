@@ -508,9 +508,11 @@ class Engine:
         else:
             finish = FinishReason(stream.finish_reason)
         if constraint is not None:
+            # No matcher saw a server's tokens: the output is complete when it validates.
             text = "".join(pieces)
-            problem = constraint.problem(text, not constraint.problem(text, True, False),
-                                         finish is FinishReason.LENGTH)
+            problem = constraint.problem(text, complete=True, cut=False)
+            if problem and finish is FinishReason.LENGTH:
+                problem = constraint.problem(text, complete=False, cut=True)
             if problem:
                 problem = f"the server's output failed validation on the robot: {problem}"
                 self.counters.failed += 1
