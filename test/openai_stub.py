@@ -72,6 +72,14 @@ def ok(text: str = DEFAULT_TEXT, pieces=None, delay_s: float = 0.0, finish_reaso
                                 first_delay_s=first_delay_s))
 
 
+def tool_calls(calls, text: str = "", finish_reason: str = "tool_calls") -> Behaviour:
+    """A streamed answer calling tools: ``calls`` are (id, name, arguments text); each call's
+    arguments arrive in two pieces after a first delta with its id and name, as servers stream
+    them."""
+    return Behaviour("tool_calls", dict(calls=[tuple(c) for c in calls], text=text,
+                                        finish_reason=finish_reason))
+
+
 def status(code: int, message: str = "stub error", retry_after=None, body=None) -> Behaviour:
     """HTTP `code` with an OpenAI-style error JSON (or `body` verbatim: str/bytes as is, anything
     else JSON-encoded), plus `Retry-After` when `retry_after` is given."""
@@ -349,6 +357,21 @@ class _Handler(BaseHTTPRequestHandler):
         self._event(self._chunk({"role": "assistant"}))
         self._stream_pieces(pieces, delay_s, first_delay_s)
         self._finish(finish_reason, len(pieces), usage)
+
+    def _do_tool_calls(self, stream, calls, text, finish_reason):
+        self._start_stream()
+        self._event(self._chunk({"role": "assistant"}))
+        if text:
+            self._stream_pieces(split_pieces(text))
+        for index, (call_id, name, arguments) in enumerate(calls):
+            self._event(self._chunk({"tool_calls": [{
+                "index": index, "id": call_id, "type": "function",
+                "function": {"name": name, "arguments": ""}}]}))
+            half = len(arguments) // 2
+            for piece in (arguments[:half], arguments[half:]):
+                self._event(self._chunk({"tool_calls": [{"index": index,
+                                                         "function": {"arguments": piece}}]}))
+        self._finish(finish_reason, len(calls) * 3)
 
     def _do_status(self, stream, code, message, retry_after, body):
         headers = {} if retry_after is None else {"Retry-After": str(retry_after)}

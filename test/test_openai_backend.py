@@ -12,7 +12,7 @@ import pytest
 from engine_helpers import Collector
 from openai_servers import LlamaCppServer, embedded_gguf, free_port
 from openai_stub import (DEFAULT_TEXT, StubServer, cut, error_event, malformed, ok, sse_comments,
-                         stall, status)
+                         stall, status, tool_calls)
 from slm_ros.backends.base import BackendConfig, RemoteConfig
 from slm_ros.backends.openai_backend import parse_sse_line, retry_delay
 from slm_ros.backends.registry import create_backend
@@ -448,10 +448,67 @@ def test_formats_the_openai_api_cannot_express_are_refused(stub, remote):
     final, _ = _ask_format(remote, ResponseFormat("regex", "yes|no"))
     assert final.finish_reason == "error" and "OpenAI API has only json_object and json_schema" \
         in final.error
-    rid = remote.engine.submit(Request(prompt="x", tools=(Tool("go"),)), remote.collect)
+    rid = remote.engine.submit(Request(prompt="x", tools=(Tool("go"), Tool("go"))), remote.collect)
     final, _ = remote.final(rid)
-    assert final.finish_reason == "error" and "does not support tools" in final.error
+    assert final.finish_reason == "error" and "duplicate tool name 'go'" in final.error
     assert len(stub.requests) == n   # nothing was sent
+
+
+DRIVE = ('{"type": "object", "required": ["meters"], "additionalProperties": false, '
+         '"properties": {"meters": {"type": "integer", "minimum": 0, "maximum": 9}}}')
+
+
+def _call_tools(r: Remote, choice: str = ""):
+    from slm_ros.core.constraints import Tool
+    tools = (Tool("drive", "Drive forward.", DRIVE), Tool("stop", "Stop."))
+    rid = r.engine.submit(Request(prompt="Drive two meters.", tools=tools, tool_choice=choice),
+                          r.collect)
+    return r.final(rid)
+
+
+def test_tools_go_to_the_server_and_its_calls_are_validated(stub, remote):
+    import json as _json
+    stub.script(tool_calls([("call_x", "drive", '{"meters": 2}')]))
+    final, _ = _call_tools(remote, "required")
+    assert final.finish_reason == "stop" and not final.error, final.error
+    (call,) = final.tool_calls
+    assert (call.id, call.name, _json.loads(call.arguments)) == ("call_x", "drive", {"meters": 2})
+    body = stub.requests[-1]["body"]
+    assert body["tool_choice"] == "required"
+    assert body["tools"][0] == {"type": "function", "function": {
+        "name": "drive", "description": "Drive forward.", "parameters": _json.loads(DRIVE)}}
+    assert body["tools"][1]["function"]["parameters"] == {"type": "object"}
+    assert "You can call these tools" not in _json.dumps(body["messages"])  # the server renders
+    # A named tool goes as the OpenAI object; two calls with one id get unique ids.
+    stub.script(tool_calls([("c", "drive", '{"meters": 1}'), ("c", "stop", "{}")]))
+    final, _ = _call_tools(remote)
+    assert [c.name for c in final.tool_calls] == ["drive", "stop"]
+    assert len({c.id for c in final.tool_calls}) == 2
+    stub.script(tool_calls([("c", "stop", "{}")]))
+    final, _ = _call_tools(remote, "stop")
+    assert stub.requests[-1]["body"]["tool_choice"] == {"type": "function",
+                                                        "function": {"name": "stop"}}
+    assert final.tool_calls[0].name == "stop"
+    # auto: a plain answer is fine.
+    stub.script(ok(text="I cannot drive."))
+    final, text = _call_tools(remote)
+    assert final.finish_reason == "stop" and final.tool_calls == () and text == "I cannot drive."
+    assert stub.requests[-1]["body"]["tool_choice"] == "auto"
+
+
+@pytest.mark.parametrize("answer,expected", [
+    (ok(text="Sure."), "answered without one"),                             # tool_choice ignored
+    (tool_calls([("c", "fly", "{}")]), "'fly', which is not a listed tool"),
+    (tool_calls([("c", "drive", '{"meters": 12}')]), "do not validate"),
+    (tool_calls([("c", "drive", '{"meters": ')]), "not valid JSON"),
+    (tool_calls([("a", "drive", '{"meters": 1}'), ("b", "stop", "{}")]), "returned 2"),
+])
+def test_a_server_ignoring_or_breaking_tools_is_an_error_never_a_success(stub, remote, answer,
+                                                                         expected):
+    stub.script(answer)
+    final, _ = _call_tools(remote, "required")
+    assert final.finish_reason == "error" and expected in final.error, final.error
+    assert "failed validation on the robot" in final.error
 
 
 def test_real_server_honours_a_json_schema(llama_server):

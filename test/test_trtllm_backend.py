@@ -512,7 +512,14 @@ def test_backend_streams_token_ids(trt, engine_dir):
         if trt.__stand_in_line__ == "1.x":
             assert sampling["detokenize"] is False
         (llm,) = s.calls_to("LLM")[-1:]
-        assert llm["model"] == str(engine_dir) and llm["skip_tokenizer_init"] is True
+        assert llm["model"] == str(engine_dir)
+        if trt.__stand_in_line__ == "1.x":   # xgrammar (guided decoding) needs the tokenizer
+            assert llm["skip_tokenizer_init"] is False
+            assert llm["guided_decoding_backend"] == "xgrammar"
+        else:   # slm_ros tokenizes; the constrained-output slots are registered
+            assert llm["skip_tokenizer_init"] is True
+            assert sorted(llm["logits_post_processor_map"]) == [
+                f"slm_ros_constraint_{i}" for i in range(adapter.LogitsSlots.COUNT)]
         info = backend.describe()
         assert info["tensorrt_llm_api"] == trt.__stand_in_line__ and info["context_length"] == 512
         assert backend.context_length == 512 and backend.eos_token_ids == frozenset({2})

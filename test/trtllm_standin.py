@@ -36,6 +36,9 @@ from pathlib import Path
 from typing import Any, Dict, FrozenSet, Iterable, List, Optional, Sequence, Tuple
 
 DATA = Path(__file__).resolve().parent / "data" / "tensorrt_llm_api.json"
+#: The guided-decoding / logits post-processor additions (a copy of the shared reference
+#: ``tensorrt_llm_guided_api.json``): read for the names and fields the constrained-output path uses.
+GUIDED_DATA = Path(__file__).resolve().parent / "data" / "tensorrt_llm_guided_api.json"
 
 #: slm_ros API line -> section of the JSON record.
 SECTIONS = {"0.12": "0.12.0-jetson", "1.x": "1.x"}
@@ -120,6 +123,29 @@ class _Tracking(dict):
 def load_record(path: Path = DATA) -> dict:
     """The JSON record."""
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def guided_additions(line: str) -> Dict[str, Any]:
+    """What the guided record adds to ``line``'s surface (1.x: the LLM's ``guided_decoding_backend``
+    keyword and its values, ``GuidedDecodingParams`` fields and the guides the engine path must not
+    get; 0.12: the post-processor keyword, already in the main record, and the callback arity)."""
+    record = load_record(GUIDED_DATA)
+    if line == "0.12":
+        section = record["0.12.0-jetson"]
+        assert section["guided_decoding"]["available"] is False
+        callback = section["logits post-processor callable (0.12)"]["signature"]
+        return {"llm_keywords": ("logits_post_processor_map",), "callback": callback}
+    section = record["1.x"]
+    decl = section["BaseLlmArgs.guided_decoding_backend"]["decl"]
+    backends = tuple(re.findall(r"'([a-z]+)'", decl.split("=", 1)[0]))
+    trt_path = section["BaseLlmArgs.guided_decoding_backend"]["trt_engine_path"]
+    fields = tuple(_NAME.match(f).group(1)
+                   for f in section["tensorrt_llm.llmapi.GuidedDecodingParams"]["fields"])
+    findings = " ".join(section["engine-path build/runtime requirements"]["findings"])
+    return {"llm_keywords": ("guided_decoding_backend",), "backends": backends,
+            "engine_backends": tuple(b for b in backends if f"== '{b}'" in trt_path),
+            "guided_fields": fields,
+            "engine_forbidden": ("structural_tag",) if "STRUCTURAL_TAG branch" in findings else ()}
 
 
 _NAME = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)")
@@ -315,6 +341,8 @@ def _surface_1x(rec: _Tracking, rec012: dict) -> Tuple[Dict[str, Entry], Dict[st
     e: Dict[str, Entry] = {}
     llm_key = "tensorrt_llm._tensorrt_engine.LLM"
     llm = _llm_entry(llm_key, llm_key, rec[llm_key])
+    guided = guided_additions("1.x")
+    llm.init = dataclasses.replace(llm.init, params=llm.init.params + guided["llm_keywords"])
     e["tensorrt_llm.LLM"] = Entry("tensorrt_llm.LLM", "forbidden", "tensorrt_llm.LLM",
                                   reason=str(rec["tensorrt_llm.LLM"]))
     sampling = _config_entry("tensorrt_llm.sampling_params.SamplingParams",
@@ -339,9 +367,12 @@ def _surface_1x(rec: _Tracking, rec012: dict) -> Tuple[Dict[str, Entry], Dict[st
     runner = Entry("tensorrt_llm.runtime.ModelRunnerCpp", "class", runner_key,
                    methods={"from_dir": signature(rec[runner_key])})
     llmapi_names = rec["tensorrt_llm.llmapi"]
+    guided_params = _config_entry("tensorrt_llm.llmapi.GuidedDecodingParams",
+                                  "guided record 1.x tensorrt_llm.llmapi.GuidedDecodingParams",
+                                  guided["guided_fields"])
     llmapi_defs = {"SamplingParams": sampling, "KvCacheConfig": kv, "BuildConfig": build_config,
                    "QuantConfig": quant_config, "QuantAlgo": quant_algo, "RequestOutput": request,
-                   "CompletionOutput": completion}
+                   "CompletionOutput": completion, "GuidedDecodingParams": guided_params}
     for name in llmapi_names:
         path = f"tensorrt_llm.llmapi.{name}"
         e[path] = _alias(llmapi_defs[name], path) if name in llmapi_defs else Entry(
@@ -457,6 +488,16 @@ def _config_class(entry: Entry, state: StandInState, name: str) -> type:
     return type(name, (), {"__init__": __init__, "__repr__": __repr__, "__stand_in__": True,
                            "__doc__": f"Stand-in {name}: fields {', '.join(sig.params)} "
                                       f"({entry.source})."})
+
+
+def _one_guide(cls: type) -> type:
+    """GuidedDecodingParams validates that at most one guide is set (ValueError otherwise)."""
+    def __init__(self, *args, **kwargs):
+        cls.__init__(self, *args, **kwargs)
+        count = sum(bool(getattr(self, f)) for f in guided_additions("1.x")["guided_fields"])
+        if count > 1:
+            raise ValueError(f"Only one guide can be used for a request, but got {count}.")
+    return type(cls.__name__, (cls,), {"__init__": __init__})
 
 
 def _enum_class(entry: Entry, name: str) -> type:
@@ -595,7 +636,7 @@ class _RequestBase:
     completion_class = _CompletionBase
 
     def __init__(self, request_id: int, prompt_ids: List[int], tokens: List[int], finish: str,
-                 state: StandInState, skip_text: bool) -> None:
+                 state: StandInState, skip_text: bool, choose=None) -> None:
         self.request_id = request_id
         self.prompt = None
         self.prompt_token_ids = list(prompt_ids)
@@ -607,7 +648,9 @@ class _RequestBase:
         self._state = state
         self._steps: "queue.Queue" = queue.Queue()
         self._abort = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(tokens, finish), daemon=True,
+        target, args = (self._run, (tokens, finish)) if choose is None else \
+            (self._run_stepwise, (choose, len(tokens)))
+        self._thread = threading.Thread(target=target, args=args, daemon=True,
                                         name=f"trtllm-standin-request-{request_id}")
         self._thread.start()
 
@@ -627,8 +670,34 @@ class _RequestBase:
         finally:
             self.done.set()
 
+    def _run_stepwise(self, choose, limit: int) -> None:
+        """Constrained generation: ``choose(generated)`` picks each token from logits the request's
+        post-processor / guide masked (None = end-of-sequence)."""
+        generated: List[int] = []
+        try:
+            for i in range(limit):
+                if self._abort.is_set():
+                    self._steps.put(([], "cancelled"))
+                    return
+                time.sleep(self._state.step_delay_s)
+                token = choose(generated)
+                if token is None:
+                    self._steps.put(([], "stop"))
+                    return
+                generated.append(token)
+                self.generated += 1
+                self._steps.put(([token], "length" if i == limit - 1 else None))
+        except Exception as exc:  # noqa: BLE001 - reaches the reader like the library's errors
+            self._steps.put((exc, "error"))
+        finally:
+            self.done.set()
+
     def _step(self) -> None:
         new, reason = self._steps.get(timeout=30)
+        if reason == "error":
+            self.finished = True
+            raise RuntimeError(f"Encountered an error in forwardAsync function: {new} "
+                               f"[{STAND_IN_NOTE}]")
         self._advance(new, reason)
 
     def _advance(self, new: List[int], reason: Optional[str]) -> None:
@@ -708,6 +777,20 @@ def _llm_class(entry: Entry, line: str, version: str, state: StandInState) -> ty
             self._skip_text = bool(bound.get("skip_tokenizer_init"))
             self._closed = False
             self._next_id = 1
+            self._processors = dict(bound.get("logits_post_processor_map") or {})
+            self._guided = bound.get("guided_decoding_backend")
+            self._grammar_tokenizer = None
+            if self._guided is not None:
+                guided = guided_additions("1.x")
+                if self._guided not in guided["backends"]:
+                    raise ValueError(f"guided_decoding_backend: input should be one of "
+                                     f"{guided['backends']} [{STAND_IN_NOTE}]")
+                if self._guided not in guided["engine_backends"]:
+                    raise ValueError(f"Unsupported guided decoding backend {self._guided}")
+                if self._skip_text:
+                    raise RuntimeError("guided decoding needs the tokenizer: skip_tokenizer_init "
+                                       f"must be False [{STAND_IN_NOTE}, inferred]")
+                self._grammar_tokenizer = _emulated_xgrammar_tokenizer(model)
             if (model / ENGINE_FILE).is_file():
                 config = json.loads((model / "config.json").read_text(encoding="utf-8"))
                 if config.get("version") != version:
@@ -754,11 +837,60 @@ def _llm_class(entry: Entry, line: str, version: str, state: StandInState) -> ty
             if state.eos_after is not None and state.eos_after < limit:
                 count, finish = state.eos_after, "stop"
             tokens = stand_in_tokens(prompt, count, int(self._pretrained["vocab_size"]), avoid)
-            request = request_class(self._next_id, prompt, tokens, finish, state, self._skip_text)
+            choose = self._constrained_choice(params, prompt, self._next_id, avoid)
+            if choose is not None:
+                tokens = [0] * limit   # constrained: generated step by step, up to the limit
+            request = request_class(self._next_id, prompt, tokens, finish, state, self._skip_text,
+                                    choose)
             self._next_id += 1
             with state.lock:
                 state.requests.append(request)
             return request
+
+        def _constrained_choice(self, params, prompt, req_id, ends):
+            """The per-step token picker of a constrained request (None: not constrained):
+            random logits, masked by the named post-processor (0.12) or the guide (1.x), argmax."""
+            vocab = int(self._pretrained["vocab_size"])
+            if line == "0.12":
+                name = params.logits_post_processor_name
+                if name is None:
+                    return None
+                if name not in self._processors:
+                    raise ValueError(f"no logits post-processor named {name!r} [{STAND_IN_NOTE}]")
+                processor = self._processors[name]
+
+                def constrain(logits, generated):
+                    processor(req_id, logits, [list(prompt) + generated], None, None)
+            else:
+                guide = params.guided_decoding
+                if guide is None or not any(getattr(guide, f) for f in
+                                            guided_additions("1.x")["guided_fields"]):
+                    return None
+                if self._guided is None:
+                    raise RuntimeError("Request is specified with GuidedDecodingParams, but "
+                                       "GuidedDecoder is not setup. [stand-in]")
+                for field in guided_additions("1.x")["engine_forbidden"]:
+                    if getattr(guide, field):
+                        raise RuntimeError(f"{field} guides are not built on the engine path "
+                                           f"[{STAND_IN_NOTE}]")
+                matcher = _emulated_xgrammar_matcher(self._grammar_tokenizer, guide)
+
+                def constrain(logits, generated):
+                    if generated:
+                        matcher.consume_token(generated[-1])
+                    allowed = _matcher_allowed(matcher, vocab)
+                    logits[0, 0, :len(allowed)][~_torch().from_numpy(allowed)] = float("-inf")
+
+            def choose(generated):
+                torch = _torch()
+                rng = torch.Generator().manual_seed(sum(prompt) + 7919 * len(generated))
+                logits = torch.randn((1, 1, vocab), generator=rng)
+                constrain(logits, generated)
+                token = int(torch.argmax(logits[0, 0]))
+                if logits[0, 0, token] == float("-inf"):
+                    raise RuntimeError("every token was masked")
+                return None if token in ends else token
+            return choose
 
         def save(self, *args, **kwargs):
             bound = bind("LLM.save", methods["save"], args, kwargs)
@@ -784,6 +916,46 @@ def _llm_class(entry: Entry, line: str, version: str, state: StandInState) -> ty
     if "tokenizer" in entry.attrs:
         LLM.tokenizer = property(lambda self: None)
     return LLM
+
+
+def _torch():
+    import torch
+    return torch
+
+
+def _emulated_xgrammar_tokenizer(engine_dir: Path):
+    """The stand-in's stand-in for xgrammar: llguidance over the tokenizer beside the engine."""
+    import llguidance.hf
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(str(engine_dir))
+    return llguidance.hf.from_tokenizer(tokenizer, eos_token=tokenizer.eos_token_id)
+
+
+def _emulated_xgrammar_matcher(grammar_tokenizer, guide):
+    """A matcher for a GuidedDecodingParams (its one guide), like xgrammar compiles it."""
+    import llguidance
+    from llguidance.gbnf_to_lark import gbnf_to_lark
+    matcher = llguidance.LLMatcher
+    if guide.json_object:
+        grammar = matcher.grammar_from_json_schema({"type": "object"})
+    elif guide.json is not None:
+        schema = json.loads(guide.json) if isinstance(guide.json, str) else guide.json
+        grammar = matcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
+    elif guide.regex is not None:
+        grammar = matcher.grammar_from_regex(guide.regex)
+    else:
+        grammar = matcher.grammar_from_lark(gbnf_to_lark(guide.grammar))
+    compiled = llguidance.LLMatcher(grammar_tokenizer, grammar)
+    if compiled.is_error():
+        raise RuntimeError(f"xgrammar could not compile the guide: {compiled.get_error()}")
+    return compiled
+
+
+def _matcher_allowed(matcher, vocab: int):
+    import numpy as np
+    bits = np.zeros((vocab + 31) // 32, dtype=np.int32)
+    matcher.unsafe_compute_mask_ptr(bits.ctypes.data, bits.nbytes)
+    return np.unpackbits(bits.view(np.uint8), bitorder="little")[:vocab].view(bool).copy()
 
 
 # Building (0.12 classes API) ---------------------------------------------------------------------
@@ -933,6 +1105,8 @@ def build_package(line: str) -> Dict[str, types.ModuleType]:
             objects[path] = _unemulated_class(entry, short, state)
         else:
             objects[path] = _config_class(entry, state, short)
+            if short == "GuidedDecodingParams":
+                objects[path] = _one_guide(objects[path])
     # Same definition under two paths (hlapi.QuantConfig / models.modeling_utils.QuantConfig) must be
     # the same class, as in the real package.
     canonical: Dict[Tuple[str, str], Any] = {}

@@ -199,6 +199,9 @@ class TextStream(abc.ABC):
     finish_reason: str = "stop"
     prompt_tokens: Optional[int] = None
     completion_tokens: Optional[int] = None
+    #: Tool calls the server returned, as (id, name, arguments JSON text), once iteration ended
+    #: (requests with tools only; the engine validates them).
+    tool_calls: tuple = ()
 
     @abc.abstractmethod
     def __iter__(self) -> Iterator[str]:
@@ -214,8 +217,11 @@ class TextStreamBackend(BackendBase):
 
     @abc.abstractmethod
     def stream_chat(self, messages: List[Message], images: Sequence[Any], params: SamplingParams,
-                    cancel: threading.Event) -> TextStream:
+                    cancel: threading.Event, tools: Sequence[Any] = (),
+                    tool_choice: str = "") -> TextStream:
         """Start one generation. ``images`` (RGB uint8 arrays) belong to the last user message.
+        ``tools`` (:class:`~slm_ros.core.constraints.Tool`, validated) and ``tool_choice`` (auto,
+        required or a tool's name) go to the server, which returns calls in ``tool_calls``.
 
         Once ``cancel`` is set the stream ends within a moment with ``finish_reason``
         ``"cancelled"`` and the server sees the request end.

@@ -68,6 +68,24 @@ def response_format_body(constraint, style: str = "openai") -> Dict[str, Any]:
                        f"transformers for regex and grammar)")
 
 
+def tools_body(tools: Sequence[Any], choice: str) -> Dict[str, Any]:
+    """The OpenAI ``tools`` and ``tool_choice`` of a request's tools (function tools; the JSON
+    Schema of each one's arguments) and its tool_choice ("" / auto, required, or a tool's name)."""
+    listed = []
+    for tool in tools:
+        parameters = json.loads(tool.parameters) if tool.parameters.strip() else {"type": "object"}
+        function: Dict[str, Any] = {"name": tool.name, "parameters": parameters}
+        if tool.description:
+            function["description"] = tool.description
+        listed.append({"type": "function", "function": function})
+    choice = (choice or "").strip()
+    if choice in ("", "auto", "required"):
+        wire: Any = choice or "auto"
+    else:
+        wire = {"type": "function", "function": {"name": choice}}
+    return {"tools": listed, "tool_choice": wire}
+
+
 class OpenAiBackend(TextStreamBackend):
     """A client of one OpenAI-compatible server; see the module docstring."""
 
@@ -167,10 +185,13 @@ class OpenAiBackend(TextStreamBackend):
     # -- generation ------------------------------------------------------------------------------
 
     def stream_chat(self, messages: List[Message], images: Sequence[Any], params: SamplingParams,
-                    cancel: threading.Event) -> TextStream:
+                    cancel: threading.Event, tools: Sequence[Any] = (),
+                    tool_choice: str = "") -> TextStream:
         if self._client is None:
             raise BackendError("the openai backend is not loaded")
         body = self._body(messages, images, params)
+        if tools:
+            body.update(tools_body(tools, tool_choice))
         return _SseStream(self, body, cancel)
 
     def _body(self, messages: List[Message], images: Sequence[Any],
@@ -255,7 +276,7 @@ class OpenAiBackend(TextStreamBackend):
 
     async def run_stream(self, body: Dict[str, Any], out: "queue.SimpleQueue") -> None:
         """One request with its retries; every outcome ends up in ``out`` as
-        ``("text", str)``..., then ``("end", finish, usage)`` or ``("error", message)``."""
+        ``("text", str)``..., then ``("end", finish, usage, tool calls)`` or ``("error", message)``."""
         config = self._config
         attempt = 0
         while True:
@@ -338,6 +359,7 @@ class OpenAiBackend(TextStreamBackend):
         finish: Optional[str] = None
         usage: Dict[str, int] = {}
         pieces = 0
+        calls: Dict[int, Dict[str, str]] = {}   # streamed tool calls by index
         while True:
             if got_text:
                 timeout, what = config.token_timeout_s, (
@@ -378,9 +400,13 @@ class OpenAiBackend(TextStreamBackend):
                 got_text = True
                 pieces += 1
                 out.put(("text", text))
+            if add_tool_call_deltas(event, calls):
+                got_text = True
+                pieces += 1
             if event_finish:
                 finish = event_finish
-        out.put(("end", finish or "stop", usage))
+        out.put(("end", finish or "stop", usage,
+                 tuple((c["id"], c["name"], c["arguments"]) for _, c in sorted(calls.items()))))
 
 
 class SseError:
@@ -434,6 +460,33 @@ def chunk_fields(event: Dict[str, Any]) -> Tuple[str, Optional[str], Dict[str, i
             if isinstance(usage.get(key), int):
                 counts[key] = usage[key]
     return text, finish, counts
+
+
+def add_tool_call_deltas(event: Dict[str, Any], calls: Dict[int, Dict[str, str]]) -> bool:
+    """Merge one chunk's ``delta.tool_calls`` pieces into ``calls`` (index -> id, name and the
+    arguments text so far: servers stream the arguments in pieces); True if it had any."""
+    choices = event.get("choices") or []
+    delta = choices[0].get("delta") if choices and isinstance(choices[0], dict) else None
+    pieces = delta.get("tool_calls") if isinstance(delta, dict) else None
+    if not isinstance(pieces, list):
+        return False
+    for position, piece in enumerate(pieces):
+        if not isinstance(piece, dict):
+            continue
+        index = piece.get("index", position)
+        call = calls.setdefault(index if isinstance(index, int) else position,
+                                {"id": "", "name": "", "arguments": ""})
+        if isinstance(piece.get("id"), str) and piece["id"]:
+            call["id"] = piece["id"]
+        function = piece.get("function") or {}
+        if isinstance(function, dict):
+            if isinstance(function.get("name"), str) and function["name"]:
+                call["name"] = function["name"]
+            if isinstance(function.get("arguments"), str):
+                call["arguments"] += function["arguments"]
+            elif isinstance(function.get("arguments"), dict):   # Ollama sends an object
+                call["arguments"] = json.dumps(function["arguments"])
+    return bool(pieces)
 
 
 def describe_status(status: int, body: str, config: RemoteConfig, model: str = "") -> str:
@@ -556,7 +609,7 @@ class _SseStream(TextStream):
             if kind == "text":
                 yield value[0]
             elif kind == "end":
-                finish, usage = value
+                finish, usage, self.tool_calls = value
                 self.finish_reason = "length" if finish == "length" else "stop"
                 self.prompt_tokens = usage.get("prompt_tokens")
                 self.completion_tokens = usage.get("completion_tokens")

@@ -8,6 +8,11 @@ come from that directory through ``transformers.AutoTokenizer``; generation goes
 that hands token ids to the caller through a bounded queue
 (:func:`slm_ros.core.streaming.iterate_in_thread`).
 
+Constrained output (response formats, tools): on 1.x TensorRT-LLM's own guided decoding (xgrammar)
+enforces it; on 0.12, which has none, a logits post-processor applies slm_ros's grammar mask
+(llguidance) every step. Either way every token is also fed to the request's
+:class:`~slm_ros.core.constraints.TokenConstraint`, which the engine validates the result with.
+
 Cancelling: on TensorRT-LLM 1.x the request is aborted, so the GPU stops generating. On 0.12 (the
 Jetson line) requests cannot be cancelled: the backend stops reading, returns within one token, and the
 request runs on in the background until its ``max_new_tokens``, which is why that is always bounded by
@@ -20,13 +25,14 @@ import dataclasses
 import json
 import threading
 from pathlib import Path
-from typing import FrozenSet, Iterator, Optional, Sequence
+from typing import FrozenSet, Iterator, Optional, Sequence, Tuple
 
 from transformers import AutoTokenizer
 
 from slm_ros.backends import trtllm_adapter as adapter
 from slm_ros.backends.base import Backend, BackendConfig
 from slm_ros.backends.hf_tokenizer import HfTokenizerMixin
+from slm_ros.core.constraints import GRAMMAR, JSON_OBJECT, JSON_SCHEMA, REGEX
 from slm_ros.core.errors import ConfigError, ModelLoadError, RequestError
 from slm_ros.core.streaming import iterate_in_thread
 from slm_ros.core.types import FinishReason, SamplingParams
@@ -80,6 +86,8 @@ class TensorRtLlmBackend(HfTokenizerMixin, Backend):
         self._pad_id = 0
         self._info: dict = {}
         self._last_finish: Optional[FinishReason] = None
+        self._vocab = 0
+        self._grammar_tokenizer = None
 
     def load(self, config: BackendConfig) -> None:
         """Load the engine at ``config.model``. Raises BackendUnavailable when TensorRT-LLM cannot run
@@ -117,12 +125,15 @@ class TensorRtLlmBackend(HfTokenizerMixin, Backend):
         self._runtime, self._tokenizer = runtime, tokenizer
         self._context, self._max_input = limit, info.max_input_len or limit
         self._eos, self._end_id, self._pad_id = eos, int(end_id), int(pad_id)
+        self._vocab = info.vocab_size or len(tokenizer)
         self._info = {
             "backend": self.name, "model": str(engine_dir), "device": "cuda", "dtype": info.dtype,
             "context_length": limit, "max_input_len": self._max_input,
             "max_batch_size": info.max_batch_size, "quant_algo": info.quant_algo,
             "architecture": info.architecture, "tensorrt_llm": runtime.version,
             "tensorrt_llm_api": runtime.api_line, "kv_cache_fraction": fraction,
+            "constrained_output": ("guided decoding (xgrammar)" if runtime.constraint_route == "guide"
+                                   else "logits post-processor (llguidance mask)"),
         }
 
     @property
@@ -163,6 +174,14 @@ class TensorRtLlmBackend(HfTokenizerMixin, Backend):
         greedy = params.greedy
         halt = threading.Event()  # set when the consumer stops reading (stop string, error)
         self._last_finish = None
+        feed = _ConstraintFeed(params.constraint, prompt, self._eos) \
+            if params.constraint is not None else None
+        guide = allowed_tokens = None
+        if feed is not None:
+            if runtime.constraint_route == "guide":
+                guide = _guide_of(params.constraint.constraint)
+            else:
+                allowed_tokens = feed.allowed_after
         job = adapter.StreamJob(
             prompt_ids=prompt, max_new_tokens=budget, end_id=self._end_id, pad_id=self._pad_id,
             emit=_drop, should_stop=lambda: cancel.is_set() or halt.is_set(),
@@ -172,7 +191,7 @@ class TensorRtLlmBackend(HfTokenizerMixin, Backend):
             top_k=1 if greedy else (params.top_k or None),
             top_p=None if greedy or params.top_p >= 1.0 else params.top_p,
             repetition_penalty=None if params.repetition_penalty == 1.0 else params.repetition_penalty,
-            seed=params.seed or None)
+            seed=params.seed or None, guide=guide, allowed_tokens=allowed_tokens)
 
         def produce(emit) -> None:
             end = runtime.stream(dataclasses.replace(job, emit=emit))
@@ -180,7 +199,12 @@ class TensorRtLlmBackend(HfTokenizerMixin, Backend):
 
         stream = iterate_in_thread(produce, halt, name="slm-trtllm-generate")
         try:
+            emitted = []
             for token in stream:
+                if feed is not None:
+                    emitted.append(token)
+                    if not feed.sync(emitted):
+                        return   # refused by the grammar (constraint.rejected says why)
                 yield token
                 if cancel.is_set():  # tokens already queued behind a cancel are not handed out
                     break
@@ -188,6 +212,13 @@ class TensorRtLlmBackend(HfTokenizerMixin, Backend):
             stream.close()  # stops and joins the producer, which records the finish reason
         if self._last_finish is FinishReason.ERROR:
             raise RequestError("TensorRT-LLM ended the request with an error (timeout)")
+
+    def grammar_tokenizer(self):
+        if self._grammar_tokenizer is None:
+            from slm_ros.backends.transformers_backend import hf_grammar_tokenizer
+            self._grammar_tokenizer = hf_grammar_tokenizer(None, self._tokenizer, self._eos,
+                                                           vocab=self._vocab)
+        return self._grammar_tokenizer
 
     def describe(self) -> dict:
         return dict(self._info)
@@ -197,7 +228,55 @@ class TensorRtLlmBackend(HfTokenizerMixin, Backend):
         if runtime is not None:
             runtime.close()
         self._tokenizer = None
+        self._grammar_tokenizer = None
 
 
 def _drop(token: int) -> None:
     """Placeholder ``emit`` until the worker thread supplies the real one."""
+
+
+def _guide_of(constraint) -> Tuple[str, str]:
+    """TensorRT-LLM 1.x's guide for a compiled response format (see adapter.GUIDE_KINDS);
+    RequestError for what xgrammar cannot be given on the engine path."""
+    if constraint.kind in (JSON_SCHEMA, JSON_OBJECT):
+        return "json", json.dumps(constraint.schema if constraint.schema is not None
+                                  else {"type": "object"})
+    if constraint.kind == REGEX:
+        return "regex", constraint.pattern
+    if constraint.kind == GRAMMAR and constraint.gbnf:
+        return "grammar", constraint.gbnf
+    raise RequestError("the tensorrt_llm backend on TensorRT-LLM 1.x cannot enforce this format: its "
+                       "guided decoding takes one JSON Schema, regex or GBNF grammar, and tool_choice "
+                       "auto needs a grammar around a JSON Schema; use tool_choice required (or a "
+                       "tool's name)")
+
+
+class _ConstraintFeed:
+    """Keeps a request's TokenConstraint in step with the tokens TensorRT-LLM generated, fed by
+    whichever thread sees them first: 0.12's logits post-processor (TensorRT-LLM's thread, before
+    each step: :meth:`allowed_after`) or the reader (after each token: :meth:`sync`)."""
+
+    def __init__(self, constraint, prompt: Tuple[int, ...], eos: FrozenSet[int]) -> None:
+        self._constraint, self._prompt, self._eos = constraint, prompt, eos
+        self._fed = 0
+        self._lock = threading.Lock()
+
+    def sync(self, generated: Sequence[int]) -> bool:
+        """Feed the tokens of ``generated`` not fed yet; False once the grammar refused one."""
+        with self._lock:
+            while self._fed < len(generated) and not self._constraint.rejected:
+                token = int(generated[self._fed])
+                self._fed += 1
+                if token not in self._eos:
+                    self._constraint.accept(token)
+            return not self._constraint.rejected
+
+    def allowed_after(self, ids: Sequence[int]):
+        """The allowed-token mask after ``ids`` (the request's tokens, with or without its prompt:
+        the 0.12 binding's ``ids`` is not documented either way)."""
+        n = len(self._prompt)
+        if len(ids) >= n and tuple(ids[:n]) == self._prompt:
+            ids = ids[n:]
+        self.sync(ids)
+        with self._lock:
+            return self._constraint.allowed()

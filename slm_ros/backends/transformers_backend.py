@@ -238,12 +238,14 @@ class ConversationCache:
         self._cache, self._ids, self._prompt_len = None, [], 0
 
 
-def hf_grammar_tokenizer(model, tokenizer, eos: FrozenSet[int]):
-    """(llguidance tokenizer, logits size) for a transformers model and its fast tokenizer, for
-    constrained output (~1 s for a 49k vocabulary: callers build it once and keep it)."""
+def hf_grammar_tokenizer(model, tokenizer, eos: FrozenSet[int], vocab: int = 0):
+    """(llguidance tokenizer, logits size) for a transformers model (or None and ``vocab``, the
+    logits size) and its fast tokenizer, for constrained output (~1 s for a 49k vocabulary:
+    callers build it once and keep it)."""
     import llguidance.hf
-    head = model.get_output_embeddings()
-    vocab = int(head.weight.shape[0]) if head is not None else len(tokenizer)
+    if not vocab:
+        head = model.get_output_embeddings() if model is not None else None
+        vocab = int(head.weight.shape[0]) if head is not None else len(tokenizer)
     try:
         return llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab,
                                             eos_token=sorted(eos)), vocab

@@ -11,7 +11,9 @@ GPUs run 1.x. The two lines differ in module names, argument names and streaming
 * :func:`build_engine` - quantize, compile with an explicit BuildConfig, save.
 * :func:`copy_tokenizer_files`, :func:`find_engine_dir`, :func:`read_engine_config` - engine directory
   layout.
-* :class:`TrtLlmRuntime` - a loaded engine that streams token ids.
+* :class:`TrtLlmRuntime` - a loaded engine that streams token ids, optionally constrained: 1.x through
+  its own guided decoding (xgrammar, :data:`GUIDE_KINDS`), 0.12 through logits post-processors that
+  apply slm_ros's grammar mask (:class:`LogitsSlots`).
 
 Convention, enforced by ``test/test_trtllm_api_surface.py`` against the recorded API surface
 (``test/data/tensorrt_llm_api.json``):
@@ -36,11 +38,12 @@ import json
 import re
 import shutil
 import sys
+import threading
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from slm_ros.build import device as _device
-from slm_ros.core.errors import BackendUnavailable, ConfigError, ModelLoadError
+from slm_ros.core.errors import BackendUnavailable, ConfigError, ModelLoadError, RequestError
 
 API_012 = "0.12"
 API_1X = "1.x"
@@ -270,6 +273,7 @@ class EngineInfo:
     max_input_len: int
     max_seq_len: int
     max_num_tokens: int
+    vocab_size: int = 0
 
 
 def read_engine_config(engine_dir: str) -> EngineInfo:
@@ -294,7 +298,8 @@ def read_engine_config(engine_dir: str) -> EngineInfo:
         max_batch_size=int(build.get("max_batch_size") or 1),
         max_input_len=int(build.get("max_input_len") or 0),
         max_seq_len=int(build.get("max_seq_len") or 0),
-        max_num_tokens=int(build.get("max_num_tokens") or 0))
+        max_num_tokens=int(build.get("max_num_tokens") or 0),
+        vocab_size=int(pretrained.get("vocab_size") or 0))
 
 
 def find_engine_dir(path: str) -> str:
@@ -331,6 +336,20 @@ class StreamJob:
     top_p: Optional[float] = None
     repetition_penalty: Optional[float] = None
     seed: Optional[int] = None
+    #: Constrained output on 1.x: (kind, text), kind one of :data:`GUIDE_KINDS`; TensorRT-LLM's
+    #: guided decoding enforces it.
+    guide: Optional[Tuple[str, str]] = None
+    #: Constrained output on 0.12: called before every step with the tokens so far (TensorRT-LLM's
+    #: ``ids`` of the first beam), returns the boolean numpy array of allowed token ids (the mask is
+    #: applied to the logits here). Runs on TensorRT-LLM's thread: it must not raise.
+    allowed_tokens: Optional[Callable[[Sequence[int]], Any]] = None
+    #: Set by :class:`TrtLlmRuntime` on 0.12: the logits post-processor (slot) the request uses.
+    processor_name: Optional[str] = None
+
+
+#: The guides of TensorRT-LLM 1.x's ``GuidedDecodingParams`` that slm_ros sends (``structural_tag``
+#: is never sent: the engine path's decoder has no branch for it).
+GUIDE_KINDS = ("json", "json_object", "regex", "grammar")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -343,6 +362,9 @@ class StreamEnd:
     stopped_early: bool
     produced: int
     aborted: bool = False
+    #: 0.12, stopped early: the request's results, still running on to ``max_new_tokens``
+    #: (:func:`_drain` reads them to the end).
+    running: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -377,14 +399,17 @@ class _Api012:
 
     line = API_012
 
-    def load_llm(self, engine_dir: str, kv_cache_fraction: float) -> Any:
-        """Open an engine directory (no build: the directory already holds the engine)."""
+    def load_llm(self, engine_dir: str, kv_cache_fraction: float,
+                 processors: Dict[str, Callable]) -> Any:
+        """Open an engine directory (no build: the directory already holds the engine), with the
+        logits post-processors constrained requests select by name (0.12 has no guided decoding)."""
         from tensorrt_llm.hlapi import LLM, KvCacheConfig
 
         # skip_tokenizer_init: slm_ros tokenizes itself and reads token ids only, so the LLM neither
         # loads a second tokenizer nor detokenizes every step.
         return LLM(model=engine_dir, skip_tokenizer_init=True,
-                   kv_cache_config=KvCacheConfig(free_gpu_memory_fraction=kv_cache_fraction))
+                   kv_cache_config=KvCacheConfig(free_gpu_memory_fraction=kv_cache_fraction),
+                   logits_post_processor_map=processors)
 
     def close_llm(self, llm) -> None:
         """Shut the executor down. 0.12 has no public ``shutdown()``: the context-manager exit is it."""
@@ -400,20 +425,25 @@ class _Api012:
         """
         from tensorrt_llm.hlapi import SamplingParams
 
+        if job.guide is not None:
+            raise RequestError("TensorRT-LLM 0.12 has no guided decoding: constrained requests use "
+                               "a logits post-processor (allowed_tokens)")
         sampling_params = SamplingParams(
             max_new_tokens=job.max_new_tokens, end_id=job.end_id, pad_id=job.pad_id,
             stop_token_ids=job.stop_token_ids, temperature=job.temperature, top_k=job.top_k,
-            top_p=job.top_p, repetition_penalty=job.repetition_penalty, random_seed=job.seed)
+            top_p=job.top_p, repetition_penalty=job.repetition_penalty, random_seed=job.seed,
+            logits_post_processor_name=job.processor_name)
         produced = 0
-        for request in llm.generate_async(list(job.prompt_ids), sampling_params=sampling_params,
-                                          streaming=True):
+        results = llm.generate_async(list(job.prompt_ids), sampling_params=sampling_params,
+                                     streaming=True)
+        for request in results:
             completion = request.outputs[0]
             token_ids = list(completion.token_ids)
             for token in token_ids[produced:]:
                 job.emit(int(token))
             produced = max(produced, len(token_ids))
             if job.should_stop():
-                return StreamEnd(None, stopped_early=True, produced=produced)
+                return StreamEnd(None, stopped_early=True, produced=produced, running=results)
         return StreamEnd(None, stopped_early=False, produced=produced)
 
     def build(self, job: EngineBuildJob) -> Dict[str, Any]:
@@ -461,12 +491,15 @@ class _Api1x:
 
     line = API_1X
 
-    def load_llm(self, engine_dir: str, kv_cache_fraction: float) -> Any:
-        """Open an engine directory."""
+    def load_llm(self, engine_dir: str, kv_cache_fraction: float,
+                 processors: Dict[str, Callable]) -> Any:
+        """Open an engine directory with guided decoding (xgrammar, the only guided backend of the
+        engine path). xgrammar needs the LLM's tokenizer, so it is loaded (from the tokenizer files
+        beside the engine); slm_ros still sends and reads token ids (``detokenize=False``)."""
         from tensorrt_llm._tensorrt_engine import LLM
         from tensorrt_llm.llmapi import KvCacheConfig
 
-        return LLM(model=engine_dir, skip_tokenizer_init=True,
+        return LLM(model=engine_dir, skip_tokenizer_init=False, guided_decoding_backend="xgrammar",
                    kv_cache_config=KvCacheConfig(free_gpu_memory_fraction=kv_cache_fraction))
 
     def close_llm(self, llm) -> None:
@@ -476,13 +509,25 @@ class _Api1x:
     def stream(self, llm, job: StreamJob) -> StreamEnd:
         """Stream one request: ``token_ids_diff`` per step, ``finish_reason`` at the end, and
         ``abort()`` when told to stop, so the GPU stops generating for a cancelled request."""
-        from tensorrt_llm.llmapi import SamplingParams
+        from tensorrt_llm.llmapi import GuidedDecodingParams, SamplingParams
 
+        guided = None
+        if job.guide is not None:
+            kind, text = job.guide
+            if kind not in GUIDE_KINDS:
+                raise RequestError(f"no TensorRT-LLM guide for {kind!r}")
+            # One guide per request (more raises ValueError); json takes the schema text as is.
+            guided = GuidedDecodingParams(json=text if kind == "json" else None,
+                                          json_object=kind == "json_object",
+                                          regex=text if kind == "regex" else None,
+                                          grammar=text if kind == "grammar" else None)
+        elif job.allowed_tokens is not None:
+            raise RequestError("TensorRT-LLM 1.x constrains output through guided decoding (guide)")
         sampling_params = SamplingParams(
             max_tokens=job.max_new_tokens, end_id=job.end_id, pad_id=job.pad_id,
             stop_token_ids=job.stop_token_ids, temperature=job.temperature, top_k=job.top_k,
             top_p=job.top_p, repetition_penalty=job.repetition_penalty, seed=job.seed,
-            detokenize=False)
+            detokenize=False, guided_decoding=guided)
         produced = 0
         reason = None
         for request in llm.generate_async(list(job.prompt_ids), sampling_params=sampling_params,
@@ -538,6 +583,108 @@ def _api_for(line: str) -> Any:
     return _API_CLASSES[line]()
 
 
+# -- constrained output on 0.12: logits post-processors ---------------------------------------------
+
+
+class LogitsSlots:
+    """TensorRT-LLM 0.12's logits post-processors for constrained requests.
+
+    0.12 takes a fixed map of named post-processors when the engine is opened, and a request selects
+    one by name; the callback learns nothing else about the request (``client_id`` is never set by
+    the 0.12 LLM API). So there are :attr:`COUNT` named slots, each lent to one running request at a
+    time: its callback asks that request's ``allowed_tokens`` for the mask and applies it to the
+    logits in place (on TensorRT-LLM's CUDA stream). A request stopped early runs on in 0.12; its
+    slot is *detached* (the callback leaves the logits alone) and lent again once the request ended.
+    """
+
+    COUNT = 4
+    PREFIX = "slm_ros_constraint_"
+    #: How long a constrained request waits for a free slot.
+    WAIT_S = 60.0
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._owners: Dict[str, Optional[Tuple[Callable, int]]] = {
+            f"{self.PREFIX}{i}": None for i in range(self.COUNT)}
+        self._free = list(self._owners)
+        self.errors: List[str] = []
+
+    def processors(self) -> Dict[str, Callable]:
+        """name -> callback, for ``LLM(logits_post_processor_map=...)``."""
+        return {name: self._callback(name) for name in self._owners}
+
+    def acquire(self, allowed_tokens: Callable, end_id: int) -> str:
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._free, timeout=self.WAIT_S):
+                raise RequestError(f"all {self.COUNT} constrained-output slots of TensorRT-LLM 0.12 "
+                                   f"stayed busy for {self.WAIT_S:.0f} s")
+            name = self._free.pop(0)
+            self._owners[name] = (allowed_tokens, end_id)
+            return name
+
+    def detach(self, name: str) -> None:
+        with self._cond:
+            self._owners[name] = None
+
+    def release(self, name: str) -> None:
+        with self._cond:
+            self._owners[name] = None
+            if name not in self._free:
+                self._free.append(name)
+            self._cond.notify_all()
+
+    def _callback(self, name: str) -> Callable:
+        def post_process(req_id, logits, ids, stream_ptr, client_id=None):
+            # Arity: the 0.12 stub declares five arguments, 0.11 passed four; both are accepted.
+            owner = self._owners.get(name)
+            if owner is None:
+                return
+            allowed_tokens, end_id = owner
+            try:
+                allowed = allowed_tokens(list(ids[0]) if len(ids) else [])
+            except Exception as exc:  # noqa: BLE001 - raising here would fail every active request
+                self.errors.append(f"{type(exc).__name__}: {exc}")
+                allowed = None
+            _mask_logits(logits, allowed, end_id, stream_ptr)
+        post_process.__name__ = f"post_process_{name}"
+        return post_process
+
+
+def _mask_logits(logits, allowed, end_id: int, stream_ptr: Optional[int]) -> None:
+    """Set the logits of tokens not in ``allowed`` (a boolean numpy array over the vocabulary) to
+    -inf, in place; ``allowed`` None (the mask failed) leaves only ``end_id``, ending the request."""
+    import numpy as np
+    import torch
+
+    if allowed is None:
+        allowed = np.zeros(int(logits.shape[-1]), dtype=bool)
+        allowed[end_id] = True
+    n = min(len(allowed), int(logits.shape[-1]))
+    blocked = torch.from_numpy(np.ascontiguousarray(~allowed[:n]))
+
+    def apply() -> None:
+        logits[..., :n].masked_fill_(blocked.to(logits.device), float("-inf"))
+        if logits.shape[-1] > n:
+            logits[..., n:] = float("-inf")
+
+    if stream_ptr:
+        with torch.cuda.stream(torch.cuda.ExternalStream(stream_ptr)):
+            apply()
+    else:
+        apply()
+
+
+def _drain(results, done: Callable[[], None]) -> None:
+    """Read a 0.12 request's remaining results to its end, then call ``done``."""
+    try:
+        for _ in results:
+            pass
+    except Exception:  # noqa: BLE001 - an error ends the request just as well
+        pass
+    finally:
+        done()
+
+
 # -- public entry points ----------------------------------------------------------------------------
 
 
@@ -569,18 +716,46 @@ class TrtLlmRuntime:
         self.info = info
         self.kv_cache_fraction = kv_cache_fraction
         self._api = _api_for(self.api_line)
+        self._slots = LogitsSlots()
         try:
-            self._llm = self._api.load_llm(engine_dir, kv_cache_fraction)
+            self._llm = self._api.load_llm(engine_dir, kv_cache_fraction, self._slots.processors())
         except (RuntimeError, ValueError, OSError, KeyError) as exc:
             raise ModelLoadError(
                 f"TensorRT-LLM {self.version} could not load engine {engine_dir}: "
                 f"{type(exc).__name__}: {exc}") from exc
 
+    @property
+    def constraint_route(self) -> str:
+        """How a constrained request must be given: ``"guide"`` (1.x guided decoding) or
+        ``"allowed_tokens"`` (0.12 logits post-processor)."""
+        return "guide" if self.api_line == API_1X else "allowed_tokens"
+
     def stream(self, job: StreamJob) -> StreamEnd:
         """Run ``job``, handing each new token id to ``job.emit``; blocks until the stream ends."""
         if self._llm is None:
             raise ModelLoadError("the TensorRT-LLM engine was closed")
-        return self._api.stream(self._llm, job)
+        if job.allowed_tokens is None or self.api_line != API_012:
+            return self._api.stream(self._llm, job)
+        name = self._slots.acquire(job.allowed_tokens, job.end_id)
+        end = None
+        try:
+            end = self._api.stream(self._llm, dataclasses.replace(job, processor_name=name))
+            return end
+        finally:
+            if end is not None and end.running is not None:
+                # 0.12 cannot cancel: the request runs on, and keeps calling its post-processor,
+                # until max_new_tokens. The slot is reused only after that.
+                self._slots.detach(name)
+                threading.Thread(target=_drain, args=(end.running, lambda: self._slots.release(name)),
+                                 name="slm-trtllm-drain", daemon=True).start()
+            else:
+                self._slots.release(name)
+
+    @property
+    def processor_errors(self) -> List[str]:
+        """Errors raised inside 0.12 logits post-processors (caught there: an exception would fail
+        every active request), oldest first."""
+        return self._slots.errors
 
     def close(self) -> None:
         """Shut the executor down and release the engine (idempotent)."""

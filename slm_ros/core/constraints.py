@@ -65,6 +65,9 @@ class Constraint:
     grammar: str
     schema: Optional[Any] = dataclasses.field(default=None, compare=False)
     pattern: str = ""
+    #: The request's GBNF text (``grammar`` formats only): for grammar engines other than llguidance
+    #: (TensorRT-LLM 1.x runs xgrammar, which reads GBNF-style EBNF).
+    gbnf: str = ""
 
     @property
     def what(self) -> str:
@@ -142,7 +145,7 @@ def compile_format(fmt: ResponseFormat) -> Optional[Constraint]:
     except Exception as exc:  # noqa: BLE001 - GbnfToLarkError and friends carry line/column
         raise RequestError(f"response_format grammar: syntax error: {exc}") from None
     grammar = _checked(matcher, lambda: matcher.grammar_from_lark(lark), "grammar")
-    return Constraint(GRAMMAR, grammar)
+    return Constraint(GRAMMAR, grammar, gbnf=fmt.schema)
 
 
 def _load_schema(text: str) -> Any:
@@ -294,6 +297,44 @@ class ToolPlan:
                                f"{exc.message}") from None
         return (ToolCall(f"call_{request_id[:12]}_0", value["name"],
                          json.dumps(arguments, separators=(",", ":"))),)
+
+
+    def server_calls(self, raw, request_id: str, choice: str) -> tuple:
+        """Validate the tool calls a remote server returned (``raw``: (id, name, arguments JSON
+        text) each) against this plan and ``choice``; RequestError naming what is wrong (a server
+        may ignore tool_choice or invent a tool). Ids are kept when unique, else made unique."""
+        import jsonschema
+        if not raw:
+            if self.mode == TOOL_REQUIRED:
+                raise RequestError(f"tool_choice {choice or TOOL_REQUIRED!r} asked for a tool call "
+                                   f"and the server answered without one (some servers, e.g. "
+                                   f"Ollama, ignore tool_choice)")
+            return ()
+        if self.mode == TOOL_REQUIRED and len(raw) != 1:
+            raise RequestError(f"tool_choice {choice or TOOL_REQUIRED!r} asked for one tool call and "
+                               f"the server returned {len(raw)}")
+        calls, ids = [], set()
+        for i, (call_id, name, arguments) in enumerate(raw):
+            allowed = [choice] if choice not in ("", TOOL_AUTO, TOOL_REQUIRED) else self.schemas
+            if name not in allowed:
+                raise RequestError(f"the server called {name!r}, which is not "
+                                   f"{'the chosen tool' if len(allowed) == 1 else 'a listed tool'} "
+                                   f"({', '.join(allowed)})")
+            try:
+                value = json.loads(arguments or "{}")
+            except ValueError as exc:
+                raise RequestError(f"tool call {name!r}: arguments are not valid JSON: {exc}") \
+                    from None
+            try:
+                jsonschema.validate(value, self.schemas[name])
+            except jsonschema.ValidationError as exc:
+                raise RequestError(f"tool call arguments of {name!r} do not validate: "
+                                   f"{exc.message}") from None
+            if not call_id or call_id in ids:
+                call_id = f"call_{request_id[:12]}_{i}"
+            ids.add(call_id)
+            calls.append(ToolCall(call_id, name, json.dumps(value, separators=(",", ":"))))
+        return tuple(calls)
 
 
 def plan_tools(tools, choice: str) -> Optional[ToolPlan]:

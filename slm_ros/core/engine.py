@@ -459,14 +459,19 @@ class Engine:
                                   self._sessions.history(request.session), request.prompt)
         constraint = None
         try:
-            if request.tools and request.tool_choice.strip() != "none":
-                raise RequestError(f"backend {backend.name} does not support tools yet; use "
-                                   f"llama_cpp or transformers")
+            # Tools go to the server (its chat template renders them); its calls are validated here.
+            tools = plan_tools(request.tools, request.tool_choice)
+            if tools is not None and request.response_format is not None \
+                    and request.response_format.constrained:
+                raise RequestError("response_format and tools cannot be combined (set tool_choice "
+                                   "none to use the response format)")
             if request.response_format is not None and request.response_format.constrained:
                 # The server constrains (where its API can say it); the result is validated here.
                 constraint = compile_format(request.response_format)
                 params = dataclasses.replace(params, constraint=constraint)
-            stream = backend.stream_chat(messages, self._images(request), params, job.cancel)
+            stream = backend.stream_chat(messages, self._images(request), params, job.cancel,
+                                         tools=request.tools if tools is not None else (),
+                                         tool_choice=request.tool_choice.strip())
         except RequestError as exc:
             self._refuse_started(job, exc, t_start)
             return
@@ -519,7 +524,18 @@ class Engine:
                 self._log.warning(f"request {request.request_id}: {problem}")
                 job.finish(tail, finish_reason=FinishReason.ERROR, error=problem, stats=stats)
                 return
-        self._succeed(job, pieces, tail, finish, stats)
+        calls = ()
+        if tools is not None:
+            try:
+                calls = tools.server_calls(stream.tool_calls, request.request_id,
+                                           request.tool_choice.strip())
+            except RequestError as exc:
+                problem = f"the server's tool call failed validation on the robot: {exc}"
+                self.counters.failed += 1
+                self._log.warning(f"request {request.request_id}: {problem}")
+                job.finish(tail, finish_reason=FinishReason.ERROR, error=problem, stats=stats)
+                return
+        self._succeed(job, pieces, tail, finish, stats, calls)
 
     @staticmethod
     def _images(request: Request) -> tuple:
