@@ -262,3 +262,76 @@ def test_tool_choice_none_ignores_the_tools(smollm2):
 def test_bad_tool_requests_get_an_error_naming_the_problem(smollm2, tools, choice, fmt, expected):
     _, final, _ = ask(smollm2, "Go.", fmt, tools=tools, choice=choice, timeout=60)
     assert final.finish_reason is FinishReason.ERROR and expected in final.error, final.error
+
+
+# ----------------------------------------------------------------- tools through the chat template
+
+#: Two chat templates written for these tests, one per tool-call syntax slm_ros knows: the tagged
+#: form (as Qwen2.5 / Hermes-style templates ask for it) and a bare JSON object with "parameters"
+#: (as Llama 3.1 / 3.2 ask for it).
+TAGGED_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\nYou may call functions. Their JSON signatures:\n"
+    "{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}"
+    "To call one, reply with <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call>."
+    "<|im_end|>\n{% endif %}"
+    "{%- for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}"
+    "<|im_end|>\n{% endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+PARAMETERS_TEMPLATE = (
+    "{%- for message in messages %}<|im_start|>{{ message.role }}\n"
+    "{% if tools and loop.last %}Functions you can call:\n"
+    "{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}"
+    "Respond in the format {\"name\": function name, \"parameters\": dictionary of arguments}.\n"
+    "{% endif %}{{ message.content }}<|im_end|>\n{% endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module", params=[("tagged", TAGGED_TEMPLATE),
+                                        ("json_parameters", PARAMETERS_TEMPLATE)],
+                ids=["tagged", "json_parameters"])
+def templated(request, tiny_model_dir, tmp_path_factory):
+    """The tiny random model with a chat template that renders tools: (syntax, backend, engine)."""
+    import shutil
+    from pathlib import Path
+    syntax, template = request.param
+    out = tmp_path_factory.mktemp(f"tiny-{syntax}")
+    for path in Path(tiny_model_dir).iterdir():
+        shutil.copy(path, out / path.name)
+    (out / "chat_template.jinja").write_text(template)
+    backend = create_backend("transformers")
+    backend.load(BackendConfig(model=str(out), device="cpu", dtype="float32"))
+    with running_engine(backend, EngineConfig(defaults=GREEDY)) as engine:
+        yield syntax, backend, engine
+    backend.close()
+
+
+def test_the_embedded_models_template_renders_no_tools_so_the_generic_form_is_used(smollm2):
+    from slm_ros.core.constraints import detect_tool_syntax
+    assert smollm2._backend.tool_syntax() == "generic"
+    assert detect_tool_syntax("a template without the probe") == "generic"
+
+
+def test_a_template_that_renders_tools_gets_them_and_its_own_call_form(templated):
+    from slm_ros.core.constraints import plan_tools
+    syntax, backend, engine = templated
+    assert backend.tool_syntax() == syntax
+    plan = plan_tools(TOOLS, "", syntax)
+    assert plan.prompt == "" and [t["function"]["name"] for t in plan.template_tools] == \
+        ["navigate_to", "set_speed"]
+    prompt = backend.decode(backend.apply_chat_template(
+        [{"role": "user", "content": "Go."}], tools=plan.template_tools))
+    assert "navigate_to" in prompt and "You can call these tools" not in prompt
+    key = "parameters" if syntax == "json_parameters" else "arguments"
+    for choice in ("required", ""):   # random weights: the grammar alone makes the call valid
+        for prompt in ("Go to the kitchen.", "Slow down please."):
+            text, final = call(engine, prompt, choice=choice, max_new_tokens=96)
+            if not final.tool_calls:
+                assert choice == "" and final.finish_reason is not FinishReason.ERROR, final.error
+                assert not text.lstrip().startswith("{" if key == "parameters" else "<")
+                continue
+            assert final.finish_reason is FinishReason.STOP, (text, final.error)
+            (tool_call,) = final.tool_calls
+            jsonschema.validate(json.loads(tool_call.arguments), SCHEMAS[tool_call.name])
+            body = text.strip()
+            if choice == "" and syntax == "tagged":
+                body = body[len(CALL_OPEN):-len("</tool_call>")]
+            assert set(json.loads(body)) == {"name", key}

@@ -141,13 +141,22 @@ class Backend(BackendBase):
         """Token ids that end a generation."""
 
     @abc.abstractmethod
-    def apply_chat_template(self, messages: List[Message], images: Sequence[Any] = ()) -> List[int]:
+    def apply_chat_template(self, messages: List[Message], images: Sequence[Any] = (),
+                            tools: Sequence[dict] = ()) -> List[int]:
         """Token ids of the conversation, ending with the assistant's turn start.
 
         ``images`` (RGB uint8 arrays, H x W x 3) belong to the last user message; only backends with
         ``supports_images`` accept them (others raise :class:`~slm_ros.core.errors.RequestError`).
+        ``tools`` (OpenAI-style function tools) are rendered by the chat template; the engine
+        passes them only when :meth:`tool_syntax` is not ``generic``.
         May return a :class:`Prompt` carrying extra model inputs for :meth:`generate`.
         """
+
+    def tool_syntax(self) -> str:
+        """How the loaded model's chat template renders tools and asks for calls
+        (:func:`slm_ros.core.constraints.detect_tool_syntax`); ``generic`` (the default): it does
+        not, and the tools are described in the system prompt."""
+        return "generic"
 
     @abc.abstractmethod
     def count_tokens(self, text: str) -> int:

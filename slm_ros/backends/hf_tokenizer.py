@@ -217,20 +217,37 @@ class HfTokenizerMixin:
             self._literal_controls = (tokenizer, LiteralControlTokens(hf_control_tokens(tokenizer)))
         return self._literal_controls[1]
 
-    def apply_chat_template(self, messages: List[Message], images: Sequence = ()) -> List[int]:
+    def apply_chat_template(self, messages: List[Message], images: Sequence = (),
+                            tools: Sequence[dict] = ()) -> List[int]:
         if images:
             raise RequestError(f"{self._text_model_name()} is a text model and cannot take "
                                f"images (use the vision node with a vision-language model)")
         tokenizer = self._tokenizer
         literal = self._literal()
         marked, brackets = literal.mark(messages)
-        text = tokenizer.apply_chat_template(marked, add_generation_prompt=True, tokenize=False)
+        text = tokenizer.apply_chat_template(marked, add_generation_prompt=True, tokenize=False,
+                                             tools=list(tools) or None)
         # As apply_chat_template(tokenize=True) does: the template writes BOS if it wants one.
         ids = literal.encode(
             text, brackets,
             encode=lambda t: list(tokenizer(t, add_special_tokens=False)["input_ids"]),
             encode_literal=lambda t: hf_encode_literal(tokenizer, t))
         return [int(t) for t in ids]
+
+    def tool_syntax(self) -> str:
+        tokenizer = self._tokenizer
+        cached = getattr(self, "_tool_syntax_of", None)
+        if cached is None or cached[0] is not tokenizer:
+            from slm_ros.core.constraints import detect_tool_syntax, probe_tools
+            try:
+                text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}],
+                                                     add_generation_prompt=True, tokenize=False,
+                                                     tools=probe_tools())
+            except Exception:  # noqa: BLE001 - a template that cannot take tools: generic form
+                text = ""
+            cached = (tokenizer, detect_tool_syntax(text))
+            self._tool_syntax_of = cached
+        return cached[1]
 
     def count_tokens(self, text: str) -> int:
         return len(hf_encode_literal(self._tokenizer, text))

@@ -162,6 +162,7 @@ class LlamaCppBackend(Backend):
     def __init__(self) -> None:
         self._llama: Optional["llama_cpp.Llama"] = None
         self._template: Optional[Jinja2ChatFormatter] = None
+        self._syntax: Optional[str] = None
         self._context = 0
         self._eos: FrozenSet[int] = frozenset()
         self._literal = LiteralControlTokens({})
@@ -216,6 +217,7 @@ class LlamaCppBackend(Backend):
                      for k, v in special.items()}
             template = meta.get("tokenizer.chat_template") or _FALLBACK_TEMPLATE
             self._template = Jinja2ChatFormatter(template=template, **names)
+            self._syntax = None
             file_type = int(meta.get("general.file_type", -1))
             self._info = {
                 "backend": self.name, "model": str(path), "device": device,
@@ -257,7 +259,8 @@ class LlamaCppBackend(Backend):
     def eos_token_ids(self) -> FrozenSet[int]:
         return self._eos
 
-    def apply_chat_template(self, messages: List[Message], images: Sequence = ()) -> List[int]:
+    def apply_chat_template(self, messages: List[Message], images: Sequence = (),
+                            tools: Sequence[dict] = ()) -> List[int]:
         if images:
             raise RequestError(f"model {self._info.get('model', '?')} is a text model and cannot "
                                f"take images (use the vision node with a vision-language model)")
@@ -265,7 +268,7 @@ class LlamaCppBackend(Backend):
         # Control-token strings typed in the messages stay text (see LiteralControlTokens).
         marked, brackets = self._literal.mark(messages)
         try:
-            text = self._template(messages=marked).prompt
+            text = self._template(messages=marked, tools=list(tools) or None).prompt
         except Exception as exc:  # noqa: BLE001 - jinja2 raises many types; the template is data
             raise RequestError(f"the chat template of {self._info.get('model', '?')} failed on "
                                f"this conversation: {type(exc).__name__}: {exc}") from exc
@@ -276,6 +279,17 @@ class LlamaCppBackend(Backend):
             encode_literal=lambda t: llama.tokenize(t.encode("utf-8"), add_bos=False,
                                                     special=False))
         return [int(t) for t in ids]
+
+    def tool_syntax(self) -> str:
+        if self._syntax is None:
+            from slm_ros.core.constraints import detect_tool_syntax, probe_tools
+            try:
+                text = self._template(messages=[{"role": "user", "content": "Hi"}],
+                                      tools=probe_tools()).prompt
+            except Exception:  # noqa: BLE001 - a template that cannot take tools: generic form
+                text = ""
+            self._syntax = detect_tool_syntax(text)
+        return self._syntax
 
     def count_tokens(self, text: str) -> int:
         return len(self._require().tokenize(text.encode("utf-8"), add_bos=False, special=False))

@@ -71,13 +71,7 @@ def response_format_body(constraint, style: str = "openai") -> Dict[str, Any]:
 def tools_body(tools: Sequence[Any], choice: str) -> Dict[str, Any]:
     """The OpenAI ``tools`` and ``tool_choice`` of a request's tools (function tools; the JSON
     Schema of each one's arguments) and its tool_choice ("" / auto, required, or a tool's name)."""
-    listed = []
-    for tool in tools:
-        parameters = json.loads(tool.parameters) if tool.parameters.strip() else {"type": "object"}
-        function: Dict[str, Any] = {"name": tool.name, "parameters": parameters}
-        if tool.description:
-            function["description"] = tool.description
-        listed.append({"type": "function", "function": function})
+    listed = [tool.function() for tool in tools]
     choice = (choice or "").strip()
     if choice in ("", "auto", "required"):
         wire: Any = choice or "auto"

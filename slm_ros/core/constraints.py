@@ -241,6 +241,28 @@ TOOL_AUTO, TOOL_NONE, TOOL_REQUIRED = "auto", "none", "required"
 #: these tags; an answer that does not start with the opening tag is plain text.
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 
+#: How a model calls tools (:func:`detect_tool_syntax`). ``generic``: the chat template does not
+#: render tools, so slm_ros describes them in the system prompt and asks for the tagged form.
+#: ``tagged``: the template renders the tools and asks for ``<tool_call>{"name": ..., "arguments":
+#: ...}</tool_call>`` (Qwen2.5, Hermes-style templates). ``json_parameters``: the template renders
+#: them and asks for a bare ``{"name": ..., "parameters": ...}`` (Llama 3.1 / 3.2).
+SYNTAX_GENERIC, SYNTAX_TAGGED, SYNTAX_JSON_PARAMETERS = "generic", "tagged", "json_parameters"
+#: A tool rendered through a chat template to see whether, and how, it shows tools.
+PROBE_TOOL_NAME = "slm_ros_probe_tool"
+
+
+def detect_tool_syntax(rendered: str) -> str:
+    """The tool-call syntax a chat template teaches, from its rendering of a conversation with the
+    tool :data:`PROBE_TOOL_NAME` (see :func:`probe_tools`): ``generic`` when the probe does not
+    appear (the template ignores tools) or the call form is not one slm_ros knows."""
+    if PROBE_TOOL_NAME not in rendered:
+        return SYNTAX_GENERIC
+    if CALL_OPEN in rendered:
+        return SYNTAX_TAGGED
+    if re.search(r'\{\s*"name"\s*:[^{}]*"parameters"\s*:', rendered):
+        return SYNTAX_JSON_PARAMETERS
+    return SYNTAX_GENERIC
+
 
 @dataclasses.dataclass(frozen=True)
 class Tool:
@@ -250,6 +272,20 @@ class Tool:
     name: str
     description: str = ""
     parameters: str = ""
+
+    def function(self) -> dict:
+        """The tool as an OpenAI-style function tool (what chat templates' ``tools=`` and the
+        OpenAI API take)."""
+        parameters = json.loads(self.parameters) if self.parameters.strip() else {"type": "object"}
+        function = {"name": self.name, "parameters": parameters}
+        if self.description:
+            function["description"] = self.description
+        return {"type": "function", "function": function}
+
+
+def probe_tools() -> list:
+    """The tools list a chat template is rendered with by :func:`detect_tool_syntax`'s callers."""
+    return [Tool(PROBE_TOOL_NAME, "Probe.", '{"type": "object", "properties": {}}').function()]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,8 +304,15 @@ class ToolPlan:
 
     mode: str                      # "required" (output is exactly one call) or "auto"
     constraint: Constraint
-    prompt: str
+    prompt: str                    # added to the system prompt ("" when the template renders them)
     schemas: Any = dataclasses.field(compare=False, default=None)   # tool name -> schema
+    syntax: str = SYNTAX_GENERIC
+    #: The tools as OpenAI-style functions for the chat template (empty for ``generic``).
+    template_tools: tuple = ()
+
+    @property
+    def arguments_key(self) -> str:
+        return "parameters" if self.syntax == SYNTAX_JSON_PARAMETERS else "arguments"
 
     def calls(self, text: str, request_id: str) -> tuple:
         """The tool calls in the finished output ``text`` (empty for a plain answer in auto);
@@ -277,11 +320,16 @@ class ToolPlan:
         body = text
         if self.mode == TOOL_AUTO:
             stripped = text.strip()
-            if not stripped.startswith(CALL_OPEN):
-                return ()
-            body = stripped[len(CALL_OPEN):]
-            if body.endswith(CALL_CLOSE):
-                body = body[:-len(CALL_CLOSE)]
+            if self.syntax == SYNTAX_JSON_PARAMETERS:
+                if not stripped.startswith("{"):
+                    return ()
+                body = stripped
+            else:
+                if not stripped.startswith(CALL_OPEN):
+                    return ()
+                body = stripped[len(CALL_OPEN):]
+                if body.endswith(CALL_CLOSE):
+                    body = body[:-len(CALL_CLOSE)]
         try:
             value = json.loads(body)
         except ValueError as exc:
@@ -289,7 +337,7 @@ class ToolPlan:
         if not isinstance(value, dict) or value.get("name") not in self.schemas:
             raise RequestError(f"tool call names no listed tool: {str(value)[:200]}")
         import jsonschema
-        arguments = value.get("arguments", {})
+        arguments = value.get(self.arguments_key, {})
         try:
             jsonschema.validate(arguments, self.schemas[value["name"]])
         except jsonschema.ValidationError as exc:
@@ -337,9 +385,10 @@ class ToolPlan:
         return tuple(calls)
 
 
-def plan_tools(tools, choice: str) -> Optional[ToolPlan]:
-    """The :class:`ToolPlan` for ``tools`` and ``tool_choice`` (None: no tools apply);
-    RequestError for duplicate names, a choice naming no tool, or a bad parameters schema."""
+def plan_tools(tools, choice: str, syntax: str = SYNTAX_GENERIC) -> Optional[ToolPlan]:
+    """The :class:`ToolPlan` for ``tools`` and ``tool_choice`` (None: no tools apply) in the
+    model's tool-call ``syntax`` (:func:`detect_tool_syntax`); RequestError for duplicate names,
+    a choice naming no tool, or a bad parameters schema."""
     choice = (choice or "").strip()
     if not tools or choice == TOOL_NONE:
         if choice not in ("", TOOL_AUTO, TOOL_NONE, TOOL_REQUIRED):
@@ -369,31 +418,45 @@ def plan_tools(tools, choice: str) -> Optional[ToolPlan]:
     else:
         raise RequestError(f"tool_choice {choice!r} names no tool (tools: "
                            f"{', '.join(schemas)}; or auto, none, required)")
+    key = "parameters" if syntax == SYNTAX_JSON_PARAMETERS else "arguments"
     call_schema = {"anyOf": [{
-        "type": "object", "additionalProperties": False, "required": ["name", "arguments"],
-        "properties": {"name": {"const": name}, "arguments": schemas[name]}} for name in allowed]}
+        "type": "object", "additionalProperties": False, "required": ["name", key],
+        "properties": {"name": {"const": name}, key: schemas[name]}} for name in allowed]}
     listing = "\n".join(lines)
+    rendered = syntax != SYNTAX_GENERIC
+    template_tools = tuple(tool.function() for tool in tools) if rendered else ()
     if mode == TOOL_REQUIRED:
         constraint = compile_format(ResponseFormat(JSON_SCHEMA, json.dumps(call_schema)))
-        prompt = (f"You can call these tools:\n{listing}\nAnswer with one tool call only, as JSON: "
-                  f'{{"name": <tool name>, "arguments": {{...}}}}.')
-        return ToolPlan(mode, constraint, prompt, schemas)
-    constraint = _auto_constraint(json.dumps(call_schema))
-    prompt = (f"You can call these tools:\n{listing}\nTo call one, answer with only "
-              f'{CALL_OPEN}{{"name": <tool name>, "arguments": {{...}}}}{CALL_CLOSE}. '
-              f"Otherwise answer normally.")
-    return ToolPlan(mode, constraint, prompt, schemas)
+        prompt = "" if rendered else (
+            f"You can call these tools:\n{listing}\nAnswer with one tool call only, as JSON: "
+            f'{{"name": <tool name>, "arguments": {{...}}}}.')
+        return ToolPlan(mode, constraint, prompt, schemas, syntax, template_tools)
+    constraint = _auto_constraint(json.dumps(call_schema), syntax)
+    prompt = "" if rendered else (
+        f"You can call these tools:\n{listing}\nTo call one, answer with only "
+        f'{CALL_OPEN}{{"name": <tool name>, "arguments": {{...}}}}{CALL_CLOSE}. '
+        f"Otherwise answer normally.")
+    return ToolPlan(mode, constraint, prompt, schemas, syntax, template_tools)
 
 
 @functools.lru_cache(maxsize=CACHE_SIZE)
-def _auto_constraint(call_schema: str) -> Constraint:
-    """Either plain text that does not start with ``<`` or exactly one tagged call."""
+def _auto_constraint(call_schema: str, syntax: str = SYNTAX_GENERIC) -> Constraint:
+    """Either plain text or exactly one call: tagged (text must not start with ``<``; a newline
+    may follow the opening tag and precede the closing one, as Qwen2.5 writes them), or for
+    ``json_parameters`` a bare JSON object (text must not start with ``{``)."""
     import llguidance
-    lark = (f'start: answer | call\n'
-            f'call: "{CALL_OPEN}" body "{CALL_CLOSE}"\n'
-            f'body: %json {call_schema}\n'
-            f'answer: ANSWER\n'
-            f'ANSWER: /[^<][\\s\\S]*/\n')
+    if syntax == SYNTAX_JSON_PARAMETERS:
+        lark = (f'start: answer | call\n'
+                f'call: %json {call_schema}\n'
+                f'answer: ANSWER\n'
+                f'ANSWER: /[^{{\\s][\\s\\S]*/\n')
+    else:
+        lark = (f'start: answer | call\n'
+                f'call: "{CALL_OPEN}" NL? body NL? "{CALL_CLOSE}"\n'
+                f'body: %json {call_schema}\n'
+                f'NL: "\\n"\n'
+                f'answer: ANSWER\n'
+                f'ANSWER: /[^<][\\s\\S]*/\n')
     matcher = llguidance.LLMatcher
     grammar = _checked(matcher, lambda: matcher.grammar_from_lark(lark), "tools")
     return Constraint(GRAMMAR, grammar)

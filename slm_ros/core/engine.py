@@ -366,14 +366,17 @@ class Engine:
             self._sessions.reset(request.session)
         system = request.system_prompt or self._config.system_prompt
         try:
-            tools = plan_tools(request.tools, request.tool_choice)
+            tools = plan_tools(request.tools, request.tool_choice,
+                               backend.tool_syntax() if request.tools else "generic")
             formatted = request.response_format is not None and request.response_format.constrained
             if tools is not None and formatted:
                 raise RequestError("response_format and tools cannot be combined (set tool_choice "
                                    "none to use the response format)")
-            if tools is not None:
-                system = f"{system}\n\n{tools.prompt}".strip()
             template = functools.partial(backend.apply_chat_template, images=self._images(request))
+            if tools is not None and tools.template_tools:   # the chat template renders them
+                template = functools.partial(template, tools=tools.template_tools)
+            elif tools is not None:
+                system = f"{system}\n\n{tools.prompt}".strip()
             prompt_ids, _, budget = fit_prompt(
                 template, system, self._sessions.history(request.session),
                 request.prompt, self._context, params.max_new_tokens)
