@@ -7,7 +7,9 @@ Measured side by side in one run, same prompts, greedy decoding, fixed max token
    float32 copy, llama_cpp on the Q4_1 GGUF itself), each in a fresh process: load time, TTFT, decode
    tokens/s, peak RSS; llama_cpp also on the GGUF requantized to q4_0, q8_0 and f16 by the engine builder
    (``llama_cpp_quantizations``): the same model with more bytes per weight shows whether decode is
-   bound by memory bandwidth or by compute.
+   bound by memory bandwidth or by compute. The edge engines (``edge_engines``): the same model
+   built by the engine builder for onnxruntime_genai (int4) and openvino (int4, int8) -- cold build
+   (an empty cache) and cache-hit time, artifact size -- then probed like the others.
 2. **bandwidth bound** - this machine's memory bandwidth (numpy copies of a 256 MiB buffer, best of
    several; read + write bytes) divided by the bytes of weights read per generated token (the model's
    weight bytes as the backend holds them) = the decode ceiling; each backend's fraction of it.
@@ -58,6 +60,8 @@ PROMPTS = (
 
 #: Requantizations of the embedded GGUF measured besides it (llama_cpp_quantizations).
 QUANTIZATION_SWEEP = ("q4_0", "q8_0", "f16")
+#: The edge engines, built from the embedded model's Hugging Face copy by the engine builder.
+EDGE_BUILDS = (("onnxruntime_genai", "int4"), ("openvino", "int4"), ("openvino", "int8"))
 
 # Runs in a fresh process per backend: load, warm up, time each prompt, report peak RSS.
 PROBE = r"""
@@ -91,6 +95,13 @@ for prompt in prompts:
         ttfts.append((first - t0) * 1e3)
         rates.append((n - 1) / (last - first) if n > 1 and last > first else 0.0)
         counts.append(n)
+def peak_rss_mb():
+    # VmHWM is this process image's peak; ru_maxrss survives exec and would report the parent's
+    # (the suite's, after its 512 MiB bandwidth buffers) when that was larger.
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 info = backend.describe()
 weight_bytes = info.get("weight_bytes") or 0
 if not weight_bytes and backend_name == "transformers":
@@ -99,11 +110,15 @@ if not weight_bytes and backend_name == "transformers":
 if not weight_bytes and str(model.path).endswith(".gguf"):
     import os
     weight_bytes = os.path.getsize(model.path)
+if not weight_bytes and backend_name in ("onnxruntime_genai", "openvino"):
+    from pathlib import Path
+    weight_bytes = sum(f.stat().st_size for f in Path(model.path).iterdir()
+                       if f.name.endswith((".onnx", ".onnx.data", "openvino_model.bin")))
 print(json.dumps({"backend": backend_name, "model": str(model.path), "load_s": load_s,
                   "ttft_ms_median": statistics.median(ttfts),
                   "tokens_per_second_median": statistics.median(rates),
                   "completion_tokens_median": statistics.median(counts),
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "peak_rss_mb": peak_rss_mb(),
                   "weight_bytes": int(weight_bytes), "describe": {k: str(v) for k, v in info.items()}}))
 """
 
@@ -159,6 +174,33 @@ def requantized(quantization: str, cache_dir: Path) -> str:
     return str(Builder(cache_root=cache_dir).build(spec).path)
 
 
+def edge_build(backend: str, quantization: str, cache_dir: Path) -> Dict:
+    """Build the embedded model for an edge engine twice: into an empty cache (cold) and into
+    ``cache_dir`` (kept between runs), then once more there (the cache hit). Returns the timings,
+    the artifact size and its path."""
+    import tempfile
+
+    from slm_ros.build.builder import Builder
+    from slm_ros.build.spec import BuildSpec
+    from slm_ros.models import resolve_model
+    source = resolve_model("default").path   # the Hugging Face copy of the GGUF
+    spec = BuildSpec(model=str(source), backend=backend, quantization=quantization, device="cpu")
+    with tempfile.TemporaryDirectory(prefix="slm-ros-cold-build-") as cold:
+        t0 = time.monotonic()
+        Builder(cache_root=cold).build(spec)
+        cold_s = time.monotonic() - t0
+    builder = Builder(cache_root=cache_dir)
+    builder.build(spec)
+    t0 = time.monotonic()
+    result = builder.build(spec)
+    hit_s = time.monotonic() - t0
+    path = Path(result.path)
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return {"cold_build_s": round(cold_s, 2), "cache_hit_s": round(hit_s, 4),
+            "cache_hit": bool(result.cache_hit), "artifact_mb": round(size / 1e6, 1),
+            "path": str(path)}
+
+
 def with_ceiling(result: Dict, bandwidth_gbs: float) -> Dict:
     """Add the bandwidth ceiling (bandwidth / weight bytes per token) and the fraction reached."""
     if "error" not in result and result.get("weight_bytes"):
@@ -193,8 +235,8 @@ def plot(report: Dict, path: Path) -> Optional[str]:
         import matplotlib.pyplot as plt
     except ImportError as exc:
         return f"no plot: matplotlib not installed ({exc})"
-    backends = [b for b in report["backends"] + report.get("llama_cpp_quantizations", [])
-                if "error" not in b]
+    backends = [b for b in report["backends"] + report.get("llama_cpp_quantizations", []) +
+                report.get("edge_engines", []) if "error" not in b]
     fig, axes = plt.subplots(1, 4, figsize=(20, 4.6))
     names = [f"{b['backend']}\n{b['quantization']}" if "quantization" in b else b["backend"]
              for b in backends]
@@ -250,6 +292,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--out-dir", type=Path, default=HERE / "results")
     parser.add_argument("--skip-ros", action="store_true")
     parser.add_argument("--skip-vision", action="store_true")
+    parser.add_argument("--skip-edge", action="store_true",
+                        help="skip the onnxruntime_genai / openvino builds and probes")
     parser.add_argument("--skip-quantizations", action="store_true",
                         help=f"no llama_cpp sweep over {', '.join(QUANTIZATION_SWEEP)}")
     args = parser.parse_args(argv)
@@ -293,6 +337,20 @@ def main(argv: Optional[List[str]] = None) -> int:
                                             path), bandwidth)
             result["quantization"] = quantization
             report["llama_cpp_quantizations"].append(result)
+            log(json.dumps({k: v for k, v in result.items() if k != "describe"}))
+    if not args.skip_edge:
+        report["edge_engines"] = []
+        for backend, quantization in EDGE_BUILDS:
+            try:
+                build = edge_build(backend, quantization, args.out_dir / "engines")
+            except Exception as exc:  # noqa: BLE001 - report and go on with the suite
+                result = {"backend": backend, "error": f"{type(exc).__name__}: {exc}"}
+            else:
+                result = with_ceiling(probe(backend, "cpu", args.max_new_tokens, repeats,
+                                            build["path"]), bandwidth)
+                result["build"] = build
+            result["quantization"] = quantization
+            report["edge_engines"].append(result)
             log(json.dumps({k: v for k, v in result.items() if k != "describe"}))
     gpu_reason = cuda_available()
     report["cuda"] = ({"skipped": gpu_reason} if gpu_reason else

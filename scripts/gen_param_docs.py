@@ -108,7 +108,7 @@ def board_table(root: Path = ROOT) -> str:
     profiles = [read_profile(p) for p in sorted((root / "config" / "profiles").glob("*.yaml"))]
     # A remote profile has no board: its model runs on a server, nothing to plan on the robot.
     profiles = [p for p in profiles if not p.remote]
-    order = ("orin-nano-8gb", "orin-nx-16gb", "agx-orin-64gb", "x86-cuda", "cpu")
+    order = ("orin-nano-8gb", "orin-nx-16gb", "agx-orin-64gb", "x86-cuda", "x86-intel", "cpu")
     profiles.sort(key=lambda p: order.index(p.name) if p.name in order else len(order))
     cards = [read_model_card(p) for p in sorted((root / "config" / "models").glob("*.yaml"))]
     cards.sort(key=lambda c: (c.modality != "text", c.title.lower()))

@@ -445,11 +445,12 @@ def _build_args(parser: argparse.ArgumentParser, for_plan: bool = False) -> None
     parser.add_argument("--model", default="default",
                         help="'default' (embedded SmolLM2-135M-Instruct), a checkpoint dir or a .gguf")
     parser.add_argument("--backend", default="transformers",
-                        help="transformers, llama_cpp or tensorrt_llm")
+                        help="transformers, llama_cpp, tensorrt_llm, onnxruntime_genai or openvino")
     parser.add_argument("--quantization", default="none",
                         help="transformers: none | int8_dynamic; llama_cpp: none | q8_0 | q4_k_m | "
                              "f16 | ...; tensorrt_llm: w4a16_awq | w4a16 | w8a16 | w8a8_sq | fp16 | "
-                             "bf16")
+                             "bf16; onnxruntime_genai: int4 | int8 | fp16 | bf16 | fp32 | none; "
+                             "openvino: int4 | int8 | fp16 | none")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--max-input-len", type=int, default=2048)
     parser.add_argument("--max-seq-len", type=int, default=4096)

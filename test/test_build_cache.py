@@ -222,7 +222,7 @@ def test_failed_and_cancelled_builds_publish_nothing(tmp_path, model):
 
 
 def test_unknown_backend_and_refused_quantization(tmp_path, model):
-    with pytest.raises(ConfigError, match="known: llama_cpp, tensorrt_llm, transformers"):
+    with pytest.raises(ConfigError, match="known: llama_cpp, onnxruntime_genai, openvino, tensorrt_llm, transformers"):
         Builder(tmp_path / "cache").build(spec_for(model, backend="nope"))
     with pytest.raises(BuildError, match="quantization 'fp8' not supported"):
         builder(tmp_path / "cache").build(spec_for(model, quantization="fp8"))

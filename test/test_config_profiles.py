@@ -45,7 +45,7 @@ def test_the_cards_and_profiles_the_issue_asks_for_exist():
         "phi-3.5-mini-instruct", "llama-3.2-3b-instruct", "smolvlm-256m-instruct",
         "smolvlm-500m-instruct", "phi-3.5-vision-instruct", "vila1.5-3b"}
     assert {p.name for p in PROFILES} == {"orin-nano-8gb", "orin-nx-16gb", "agx-orin-64gb",
-                                          "x86-cuda", "cpu", "remote"}
+                                          "x86-cuda", "cpu", "x86-intel", "remote"}
     assert {p.name for p in PROFILES if p.remote} == {"remote"}
 
 
@@ -68,7 +68,11 @@ def test_card_is_consistent_with_its_architecture(card):
         assert not builder, "vision models are not built by the engine builder"
     for board, dep in card.boards.items():
         if dep.fits:
-            assert dep.backend in ("transformers", "tensorrt_llm", "llama_cpp")
+            assert dep.backend in ("transformers", "tensorrt_llm", "llama_cpp", "openvino",
+                                   "onnxruntime_genai")
+            if dep.backend in ("openvino", "onnxruntime_genai"):   # built from the checkpoint
+                assert card.modality == "text" and dep.needs_builder
+                assert not next(p for p in PROFILES if p.name == board).discrete_gpu
             if dep.backend == "llama_cpp":   # GGUF models on a board without a discrete GPU
                 assert card.modality == "text" and limits["model"] == "default"
                 assert not next(p for p in PROFILES if p.name == board).discrete_gpu

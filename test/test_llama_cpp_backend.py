@@ -335,6 +335,15 @@ def test_choose_backend(tmp_path, gguf):
     assert choose_backend("auto", "default", "cpu", modality="vision") == "transformers"
     no_gpu = not any(Path("/dev").glob("nvidia[0-9]*"))
     assert choose_backend("auto", "default", "auto") == ("llama_cpp" if no_gpu else "transformers")
+    # auto: another engine's model directory (an engine-builder artifact) goes to that engine.
+    for marker, engine in (("genai_config.json", "onnxruntime_genai"),
+                           ("openvino_model.xml", "openvino")):
+        built = tmp_path / engine
+        built.mkdir()
+        (built / "config.json").write_text("{}")
+        (built / marker).write_text("{}")
+        assert choose_backend("auto", str(built), "cpu") == engine
+        assert choose_backend("transformers", str(built), "cpu") == "transformers"
 
 
 # ------------------------------------------------------------------------------- build step

@@ -199,3 +199,44 @@ def test_device_facts(tmp_path):
     here = device.detect_profile("cpu")
     assert here.total_bytes == total and here.available_bytes < total
     assert device.preset("orin-nano-8gb").total_bytes == 8 * GiB
+
+
+# -- onnxruntime_genai / openvino weight formats --------------------------------------------------
+
+
+def test_ort_genai_int4_counts_blocks_of_32_with_the_embedding_quantized():
+    cpu = device.detect_profile("cpu")
+    plan = plan_memory(config("smollm2-135m-instruct"), cpu, backend="onnxruntime_genai",
+                       quantization="int4", dtype="int4")
+    # The built artifact of the embedded SmolLM2 is 86 MB (4-bit weights + an fp32 scale per 32).
+    assert 80e6 < plan.weights_bytes < 92e6 and plan.dtype == "float32"
+    int8 = plan_memory(config("smollm2-135m-instruct"), cpu, backend="onnxruntime_genai",
+                       quantization="int8")
+    fp32 = plan_memory(config("smollm2-135m-instruct"), cpu, backend="onnxruntime_genai",
+                       quantization="fp32")
+    assert plan.weights_bytes < int8.weights_bytes < fp32.weights_bytes
+    assert fp32.weights_bytes == pytest.approx(4 * ModelArch.from_config(
+        config("smollm2-135m-instruct")).parameters, rel=0.01)
+    cuda = plan_memory(config("phi-3.5-mini-instruct"), ORIN[8], backend="onnxruntime_genai",
+                       quantization="int4", on_gpu=True)
+    assert cuda.dtype == "float16" and cuda.weights_bytes < 2.5 * GiB
+
+
+def test_openvino_int4_keeps_embedding_and_head_at_int8():
+    cpu = device.detect_profile("cpu")
+    plans = {q: plan_memory(config("phi-3.5-mini-instruct"), cpu, backend="openvino",
+                            quantization=q) for q in ("int4", "int8", "fp16")}
+    assert plans["int4"].weights_bytes < plans["int8"].weights_bytes < plans["fp16"].weights_bytes
+    assert "embeddings at int8" in plans["int4"].assumptions[1]
+    arch = ModelArch.from_config(config("phi-3.5-mini-instruct"))
+    # Untied Phi-3.5: two int8 vocab tables (embedding, lm_head) + int4 matrices.
+    assert plans["int4"].weights_bytes > arch.linear_parameters / 2 + 2 * arch.embedding_parameters
+
+
+def test_edge_backends_refuse_names_of_other_backends():
+    cpu = device.detect_profile("cpu")
+    with pytest.raises(BuildError, match="for the openvino backend; known: int4, int8, fp16"):
+        plan_memory(config("smollm2-135m-instruct"), cpu, backend="openvino", quantization="q4_0")
+    with pytest.raises(BuildError, match="onnxruntime_genai"):
+        plan_memory(config("smollm2-135m-instruct"), cpu, backend="onnxruntime_genai",
+                    quantization="w4a16_awq")

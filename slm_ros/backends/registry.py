@@ -17,6 +17,9 @@ _BACKENDS: Dict[Tuple[str, str], Tuple[str, str]] = {
     ("text", "transformers"): ("slm_ros.backends.transformers_backend", "TransformersBackend"),
     ("text", "tensorrt_llm"): ("slm_ros.backends.tensorrt_llm_backend", "TensorRtLlmBackend"),
     ("text", "llama_cpp"): ("slm_ros.backends.llama_cpp_backend", "LlamaCppBackend"),
+    ("text", "onnxruntime_genai"): ("slm_ros.backends.onnxruntime_genai_backend",
+                                    "OnnxRuntimeGenAiBackend"),
+    ("text", "openvino"): ("slm_ros.backends.openvino_backend", "OpenVinoBackend"),
     ("text", "openai"): ("slm_ros.backends.openai_backend", "OpenAiBackend"),
     ("vision", "transformers"): ("slm_ros.backends.transformers_vlm_backend",
                                  "TransformersVlmBackend"),
@@ -60,7 +63,9 @@ def choose_backend(requested: str, model_spec: str, device: str = "auto",
     """The backend to load ``model_spec`` with when the ``backend`` parameter is ``requested``.
 
     Any name but ``auto`` is returned unchanged (checked later by :func:`create_backend`). ``auto``
-    picks ``llama_cpp`` for a text model that is a GGUF -- ``default`` (the embedded SmolLM2), a
+    picks the engine an engine-builder artifact was built for -- ``onnxruntime_genai`` for a
+    directory with ``genai_config.json``, ``openvino`` for one with ``openvino_model.xml`` -- and
+    otherwise ``llama_cpp`` for a text model that is a GGUF -- ``default`` (the embedded SmolLM2), a
     ``.gguf`` file, or a directory holding one and no ``config.json`` -- when llama-cpp-python is
     installed and the model runs on the CPU (``device`` cpu, or auto on a machine without an NVIDIA
     GPU); everything else gets ``transformers``. On the embedded SmolLM2 on a 2-core CPU (greedy,
@@ -72,10 +77,28 @@ def choose_backend(requested: str, model_spec: str, device: str = "auto",
     requested = (requested or AUTO).strip()
     if requested != AUTO:
         return requested
+    built_for = _artifact_backend(model_spec)
+    if modality == "text" and built_for:
+        return built_for
     if modality == "text" and _is_gguf_model(model_spec) and _runs_on_cpu(device) \
             and importlib.util.find_spec("llama_cpp") is not None:
         return "llama_cpp"
     return "transformers"
+
+
+#: A file that marks a directory as another engine's model (built by the engine builder or
+#: published in that form) -> the backend that runs it.
+_ARTIFACT_MARKERS = (("genai_config.json", "onnxruntime_genai"), ("openvino_model.xml", "openvino"))
+
+
+def _artifact_backend(spec: str) -> str:
+    path = Path((spec or "").strip()).expanduser()
+    if not path.is_dir():
+        return ""
+    for marker, backend in _ARTIFACT_MARKERS:
+        if (path / marker).is_file():
+            return backend
+    return ""
 
 
 def _is_gguf_model(spec: str) -> bool:

@@ -31,6 +31,17 @@ report most). Every number is an estimate; the assumptions are listed here and i
   llama.cpp's quantizer keeps at 8.5 bits or more. KV cache f16 (llama.cpp's default); activations
   for one 512-token batch (its default ``n_batch``) at float32; 0.5 GiB runtime. Requantizing peaks at
   the source file + the new file + 0.5 GiB.
+* **onnxruntime_genai / openvino.** Their build steps' quantization names map to
+  :data:`EDGE_SCHEMES`: ORT GenAI's model builder quantizes every matrix, the (tied) embedding and
+  lm_head included, to int4 or int8 in blocks of 32 weights with one fp32 scale each (fp16 on CUDA),
+  round-to-nearest, symmetric: 5 / 9 bits per weight on the CPU (the embedded SmolLM2 at int4: 86 MB
+  measured, 88 MB planned). OpenVINO's NNCF compresses linear weights to int4 (asymmetric, groups
+  of 64 -- 128 does not divide SmolLM2's 576-wide rows -- fp16 scale and zero point) and keeps the
+  embedding and lm_head at int8 (asymmetric per channel: its "backup" precision), or everything to
+  int8 per channel (SmolLM2 int4: 94 MB measured). Activations and KV cache planned at float32 on
+  a CPU (OpenVINO's CPU plugin keeps a u8 KV cache and computes in bf16 where it can: an
+  overestimate), float16 on a GPU; 0.5 GiB runtime. Building exports from the Hugging Face model in
+  float32: about 3.3x its float32 size at peak (measured 3.3x for ORT GenAI, 2.4x for OpenVINO).
 * **Reserve.** What the device profile keeps for the OS and ROS (see :mod:`slm_ros.build.device`):
   on Jetson the GPU shares memory with the CPU, so the model competes with everything else.
 * **Build peak.** TensorRT-LLM: the larger of checkpoint conversion (the Hugging Face model at its
@@ -91,6 +102,11 @@ class Scheme:
     #: Needs calibration data (and a full fp16 model in memory while calibrating).
     calibration: bool = False
     description: str = ""
+    #: Weights per scale for ``group`` granularity.
+    group_size: int = 128
+    #: Bits of the token embedding (and an lm_head quantized with it); 0 = the activation dtype.
+    #: Stored per channel with one scale (and zero point when ``zero_points``), or per group.
+    embedding_bits: int = 0
 
 
 GROUP_SIZE = 128
@@ -112,6 +128,30 @@ SCHEMES: Dict[str, Scheme] = {s.name: s for s in (
     Scheme("int8_dynamic", 8, "tensor", scale_bytes=8, quantizes_lm_head=True,
            description="PyTorch CPU dynamic int8 on every nn.Linear (lm_head included)"),
 )}
+
+#: The onnxruntime_genai and openvino build steps' quantization names -> how they store weights
+#: (see the module docstring); ``None`` = weights at the activation dtype.
+EDGE_SCHEMES: Dict[str, Dict[str, Optional[Scheme]]] = {
+    "onnxruntime_genai": {
+        "int4": Scheme("int4", 4, "group", scale_bytes=4, quantizes_lm_head=True, group_size=32,
+                       embedding_bits=4, description="int4 weight-only in blocks of 32, one fp32 "
+                       "scale each, embedding and lm_head included (ORT GenAI model builder, RTN)"),
+        "int8": Scheme("int8", 8, "group", scale_bytes=4, quantizes_lm_head=True, group_size=32,
+                       embedding_bits=8, description="int8 weight-only in blocks of 32, one fp32 "
+                       "scale each, embedding and lm_head included (ORT GenAI model builder, RTN)"),
+        "fp16": None, "bf16": None, "fp32": None, "none": None,
+    },
+    "openvino": {
+        "int4": Scheme("int4", 4, "group", scale_bytes=2, zero_points=True, quantizes_lm_head=True,
+                       group_size=64, embedding_bits=8, description="int4 asymmetric in groups of "
+                       "64 (fp16 scale + zero point); embedding and lm_head int8 asymmetric per "
+                       "channel (NNCF, as the openvino build step asks it)"),
+        "int8": Scheme("int8", 8, "channel", scale_bytes=2, zero_points=True,
+                       quantizes_lm_head=True, embedding_bits=8, description="int8 asymmetric per "
+                       "channel, embedding and lm_head included (NNCF INT8_ASYM)"),
+        "fp16": None, "none": None,
+    },
+}
 
 #: GGUF weight types (the llama_cpp backend's quantization names): bits per weight, block scales
 #: included. The k-quant mixes (``_s``/``_m``/``_l``) are averages over a model's tensors.
@@ -283,7 +323,7 @@ def _matrix_bytes(in_f: int, out_f: int, scheme: Scheme, act_bytes: int) -> int:
         return in_f * out_f * act_bytes
     data = in_f * out_f * scheme.weight_bits // 8
     if scheme.granularity == "group":
-        scales = out_f * -(-in_f // GROUP_SIZE)
+        scales = out_f * -(-in_f // scheme.group_size)
     elif scheme.granularity == "channel":
         scales = out_f
     else:
@@ -402,7 +442,8 @@ CALIBRATION_WORKSPACE = 1 * GiB
 
 #: Cheaper schemes to suggest when a plan does not fit, per backend.
 _CHEAPER = {"tensorrt_llm": ("w8a16", "w4a16"), "transformers": ("int8_dynamic",),
-            "llama_cpp": ("q8_0", "q4_0")}
+            "llama_cpp": ("q8_0", "q4_0"), "onnxruntime_genai": ("int8", "int4"),
+            "openvino": ("int8", "int4")}
 
 
 def weights_bytes(arch: ModelArch, scheme: Scheme, act_bytes: int, backend: str) -> int:
@@ -410,6 +451,15 @@ def weights_bytes(arch: ModelArch, scheme: Scheme, act_bytes: int, backend: str)
     linear = arch.num_layers * sum(_matrix_bytes(i, o, scheme, act_bytes)
                                    for i, o in arch.linear_shapes())
     embedding = arch.embedding_parameters * act_bytes
+    if scheme.embedding_bits:
+        same = scheme.embedding_bits == scheme.weight_bits   # else: an int8 per-channel "backup"
+        table = dataclasses.replace(scheme, weight_bits=scheme.embedding_bits,
+                                    granularity=scheme.granularity if same else "channel",
+                                    zero_points=scheme.zero_points if same else True)
+        embedding = _matrix_bytes(arch.hidden_size, arch.vocab_size, table, act_bytes)
+        if arch.tie_word_embeddings:   # one quantized table serves both
+            return linear + embedding + arch.other_parameters * act_bytes
+        return linear + 2 * embedding + arch.other_parameters * act_bytes
     if scheme.quantizes_lm_head:
         lm_head = _matrix_bytes(arch.hidden_size, arch.vocab_size, scheme, act_bytes)
     elif arch.tie_word_embeddings and backend != "tensorrt_llm":
@@ -435,10 +485,13 @@ def plan_memory(config: Mapping[str, Any], device: DeviceProfile, *, backend: st
     if backend == "llama_cpp":
         return _plan_gguf(arch, config, device, quantization, max_seq_len, max_batch_size,
                           max_input_len, name, _suggest)
-    scheme = SCHEMES[normalize_quantization(quantization)]
     if on_gpu is None:
         on_gpu = backend == "tensorrt_llm"
     act = normalize_dtype(dtype)
+    if backend in EDGE_SCHEMES:
+        scheme, act = _edge_scheme(backend, quantization, act, on_gpu)
+    else:
+        scheme = SCHEMES[normalize_quantization(quantization)]
     if act in ("", "auto"):
         act = "float16" if on_gpu else "float32"
     if scheme.name == "int8_dynamic":
@@ -463,15 +516,19 @@ def plan_memory(config: Mapping[str, Any], device: DeviceProfile, *, backend: st
             convert += arch.parameters * 2 + CALIBRATION_WORKSPACE + GPU_RUNTIME_OVERHEAD
         engine = 2 * weights + max(BUILDER_WORKSPACE, activations) + GPU_RUNTIME_OVERHEAD
         build_peak = max(convert, engine)
+    elif backend in EDGE_SCHEMES:   # export from the float32 Hugging Face model (measured 3.3x)
+        build_peak = arch.parameters * 4 * 33 // 10 + CPU_RUNTIME_OVERHEAD
     else:
         target = weights_bytes(arch, SCHEMES["none"], act_bytes, backend)
         build_peak = target * 3 // 2 + CPU_RUNTIME_OVERHEAD
         if src == "gguf":
             build_peak += arch.parameters * 4
 
+    embeddings = (f"embeddings at int{scheme.embedding_bits}" if scheme.embedding_bits else
+                  "embeddings at " + act)
     assumptions = (
         f"linear weights: {scheme.description}",
-        "embeddings at " + act + ("; lm_head quantized" if scheme.quantizes_lm_head else
+        embeddings + ("; lm_head quantized" if scheme.quantizes_lm_head else
                                   "; lm_head at " + act +
                                   ("" if not arch.tie_word_embeddings else
                                    " (a second copy of the tied embedding)" if backend ==
@@ -498,6 +555,26 @@ def plan_memory(config: Mapping[str, Any], device: DeviceProfile, *, backend: st
                 options.append((cheaper, alt.total_bytes))
         plan = dataclasses.replace(plan, alternatives=tuple(options))
     return plan
+
+
+def _edge_scheme(backend: str, quantization: str, act: str, on_gpu: bool) -> Tuple[Scheme, str]:
+    """(scheme, activation dtype) of an onnxruntime_genai / openvino quantization name; the float
+    names set the activation dtype instead (BuildError lists the valid names)."""
+    name = (quantization or "none").strip().lower().replace("-", "_")
+    schemes = EDGE_SCHEMES[backend]
+    if name not in schemes:
+        raise BuildError(f"unknown quantization {quantization!r} for the {backend} backend; "
+                         f"known: {', '.join(schemes)}")
+    scheme = schemes[name]
+    if act not in ("float32", "float16", "bfloat16"):   # auto, or the quantization name as dtype
+        act = "auto"
+    if scheme is None:
+        if name in ("fp16", "bf16", "fp32"):
+            act = normalize_dtype(name)
+        return SCHEMES["none"], act
+    if scheme.name == "int4" and backend == "onnxruntime_genai" and on_gpu:
+        scheme = dataclasses.replace(scheme, scale_bytes=2)   # fp16 scales for CUDA
+    return scheme, act
 
 
 def gguf_type(quantization: str, config: Mapping[str, Any]) -> str:

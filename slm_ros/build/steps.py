@@ -13,6 +13,8 @@ _STEPS: Dict[str, Tuple[str, str]] = {
     "transformers": ("slm_ros.build.transformers_step", "TransformersStep"),
     "tensorrt_llm": ("slm_ros.build.trtllm_step", "TensorRtLlmStep"),
     "llama_cpp": ("slm_ros.build.llama_cpp_step", "LlamaCppStep"),
+    "openvino": ("slm_ros.build.openvino_step", "OpenVinoStep"),
+    "onnxruntime_genai": ("slm_ros.build.onnxruntime_genai_step", "OnnxRuntimeGenAiStep"),
 }
 
 

@@ -44,11 +44,14 @@ PARAMETERS = (
               "Checkpoint to build from: 'default' (embedded SmolLM2-135M-Instruct), a Hugging Face "
               "checkpoint directory or a .gguf file. No downloads.", read_only=True),
     ParamSpec("backend", "transformers",
-              "Backend the artifact is for: transformers, llama_cpp or tensorrt_llm."),
+              "Backend the artifact is for: transformers, llama_cpp, tensorrt_llm, "
+              "onnxruntime_genai or openvino."),
     ParamSpec("quantization", "none",
               "transformers: none | int8_dynamic. llama_cpp: none | f16 | q8_0 | q4_0 | q4_k_m | "
               "q5_k_m | ... (requantizes a GGUF). tensorrt_llm: w4a16_awq | w4a16 | w8a16 | w8a8_sq "
-              "| fp16 | bf16 (fp8 and w4a8 need SM >= 89; Orin is SM 87)."),
+              "| fp16 | bf16 (fp8 and w4a8 need SM >= 89; Orin is SM 87). onnxruntime_genai: int4 "
+              "| int8 | fp16 | bf16 | fp32 | none (int4/int8: blocks of 32). openvino: int4 | int8 | "
+              "fp16 | none (NNCF weight compression)."),
     ParamSpec("dtype", "auto", "auto, float32, float16 or bfloat16 for unquantized weights."),
     ParamSpec("device", "auto", "Device the artifact will run on: auto, cpu, cuda, cuda:N."),
     ParamSpec("max_input_len", 2048, "Longest prompt (tokens) the artifact accepts.",

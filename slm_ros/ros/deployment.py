@@ -137,6 +137,10 @@ def model_card_path(name: str, share: Optional[Path] = None) -> Optional[Path]:
 # -- cards ---------------------------------------------------------------------------------------
 
 
+#: Backends whose model is always an engine-builder artifact (never the checkpoint itself).
+BUILT_BACKENDS = ("tensorrt_llm", "onnxruntime_genai", "openvino")
+
+
 @dataclasses.dataclass(frozen=True)
 class Deployment:
     """How a model runs on one board: backend and quantization, or that it does not fit."""
@@ -157,8 +161,9 @@ class Deployment:
 
     @property
     def needs_builder(self) -> bool:
-        """TensorRT-LLM engines and quantized artifacts are made by the engine builder."""
-        return self.fits and (self.backend == "tensorrt_llm" or self.quantization != "none")
+        """TensorRT-LLM engines, ONNX Runtime GenAI and OpenVINO models, and quantized artifacts are
+        made by the engine builder."""
+        return self.fits and (self.backend in BUILT_BACKENDS or self.quantization != "none")
 
 
 @dataclasses.dataclass(frozen=True)

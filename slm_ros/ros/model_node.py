@@ -44,9 +44,10 @@ def model_parameters(backends: Sequence[str], default_model: str,
     """The parameters every model node declares (backend, model, engine, builder wait)."""
     return (
         ParamSpec("backend", "auto",
-                  f"Model backend: auto, {', '.join(backends)}. auto = llama_cpp for a GGUF text "
-                  f"model (default included) on the CPU when llama-cpp-python is installed, else "
-                  f"transformers. Read at configure."),
+                  f"Model backend: auto, {', '.join(backends)}. auto = the engine an "
+                  f"engine-builder artifact was built for (onnxruntime_genai, openvino), llama_cpp "
+                  f"for a GGUF text model (default included) on the CPU when llama-cpp-python is "
+                  f"installed, else transformers. Read at configure."),
         ParamSpec("model", default_model, model_help),
         ParamSpec("device", "auto", "auto, cpu, cuda or cuda:N. auto = CUDA when available."),
         ParamSpec("dtype", "auto",
