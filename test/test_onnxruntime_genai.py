@@ -242,8 +242,8 @@ def test_cancel_stops_within_one_token(backend):
 
 
 def test_cancel_during_a_long_prompt_stops_between_prompt_chunks(backend):
-    ids = backend.apply_chat_template([{"role": "user", "content": "Robots cook. " * 200}])
-    assert len(ids) > 600
+    ids = backend.apply_chat_template([{"role": "user", "content": "Robots cook. " * 400}])
+    assert len(ids) > 1200   # 19+ chunks: a cancel at a quarter stops near a third
     t0 = time.monotonic()
     assert len(list(backend.generate(ids, SamplingParams(max_new_tokens=1), threading.Event()))) == 1
     whole = time.monotonic() - t0
@@ -252,7 +252,7 @@ def test_cancel_during_a_long_prompt_stops_between_prompt_chunks(backend):
     timer.start()
     t0 = time.monotonic()
     assert list(backend.generate(ids, GREEDY, cancel)) == []
-    assert time.monotonic() - t0 < whole * 0.75, (time.monotonic() - t0, whole)
+    assert time.monotonic() - t0 < whole * 0.9, (time.monotonic() - t0, whole)
     timer.join()
 
 

@@ -110,10 +110,13 @@ class BackendBase(abc.ABC):
     def load(self, config: BackendConfig) -> None:
         """Load the model; raise :class:`~slm_ros.core.errors.ModelLoadError` naming what failed."""
 
+    #: What :attr:`context_length` reports; set by :meth:`load`.
+    _context: int = 0
+
     @property
-    @abc.abstractmethod
     def context_length(self) -> int:
         """Maximum tokens (prompt + generated) the loaded model accepts; 0 = not known here."""
+        return self._context
 
     @property
     def max_concurrency(self) -> int:
@@ -135,10 +138,13 @@ class Backend(BackendBase):
     """A model in this process that turns prompt token ids into a stream of new token ids, one
     request at a time."""
 
+    #: What :attr:`eos_token_ids` reports; set by :meth:`load`.
+    _eos: FrozenSet[int] = frozenset()
+
     @property
-    @abc.abstractmethod
     def eos_token_ids(self) -> FrozenSet[int]:
         """Token ids that end a generation."""
+        return self._eos
 
     @abc.abstractmethod
     def apply_chat_template(self, messages: List[Message], images: Sequence[Any] = (),

@@ -251,14 +251,6 @@ class LlamaCppBackend(Backend):
             raise ModelLoadError("llama_cpp backend used before load() or after close()")
         return self._llama
 
-    @property
-    def context_length(self) -> int:
-        return self._context
-
-    @property
-    def eos_token_ids(self) -> FrozenSet[int]:
-        return self._eos
-
     def apply_chat_template(self, messages: List[Message], images: Sequence = (),
                             tools: Sequence[dict] = ()) -> List[int]:
         if images:

@@ -229,14 +229,6 @@ class OnnxRuntimeGenAiBackend(HfTokenizerMixin, Backend):
             raise ModelLoadError("onnxruntime_genai backend used before load() or after close()")
         return self._model
 
-    @property
-    def context_length(self) -> int:
-        return self._context
-
-    @property
-    def eos_token_ids(self) -> FrozenSet[int]:
-        return self._eos
-
     def _search_options(self, params: SamplingParams, max_length: int) -> Dict[str, Any]:
         options: Dict[str, Any] = {"max_length": max_length, "min_length": 0, "num_beams": 1,
                                    "repetition_penalty": float(params.repetition_penalty)}

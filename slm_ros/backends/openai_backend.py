@@ -139,10 +139,6 @@ class OpenAiBackend(TextStreamBackend):
         self._context = self._context or context
 
     @property
-    def context_length(self) -> int:
-        return self._context
-
-    @property
     def max_concurrency(self) -> int:
         return self._config.max_in_flight if self._config else 1
 

@@ -159,14 +159,6 @@ class OpenVinoBackend(HfTokenizerMixin, Backend):
             raise ModelLoadError("openvino backend used before load() or after close()")
         return self._pipe
 
-    @property
-    def context_length(self) -> int:
-        return self._context
-
-    @property
-    def eos_token_ids(self) -> FrozenSet[int]:
-        return self._eos
-
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams,
                  cancel: threading.Event) -> Iterator[int]:
         pipe = self._require()

@@ -137,14 +137,6 @@ class TensorRtLlmBackend(HfTokenizerMixin, Backend):
         }
 
     @property
-    def context_length(self) -> int:
-        return self._context
-
-    @property
-    def eos_token_ids(self) -> FrozenSet[int]:
-        return self._eos
-
-    @property
     def last_finish_reason(self) -> Optional[FinishReason]:
         """Why the last :meth:`generate` ended, as TensorRT-LLM reported it (mapped by
         :func:`finish_reason_of`); None before the first one ends."""

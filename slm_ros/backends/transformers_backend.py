@@ -370,14 +370,6 @@ class TransformersBackend(HfTokenizerMixin, Backend):
             "torch": torch.__version__, "transformers": transformers.__version__,
         }
 
-    @property
-    def context_length(self) -> int:
-        return self._context
-
-    @property
-    def eos_token_ids(self) -> FrozenSet[int]:
-        return self._eos
-
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams,
                  cancel: threading.Event) -> Iterator[int]:
         model = self._model

@@ -254,14 +254,6 @@ class TransformersVlmBackend(Backend):
 
     # -- Backend interface -------------------------------------------------------------------------
 
-    @property
-    def context_length(self) -> int:
-        return self._context
-
-    @property
-    def eos_token_ids(self) -> FrozenSet[int]:
-        return self._eos
-
     def apply_chat_template(self, messages: List[Message], images: Sequence[Any] = ()) -> Prompt:
         """Token ids (image placeholders expanded) plus the processor's pixel inputs.
 

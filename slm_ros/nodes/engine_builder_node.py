@@ -38,6 +38,7 @@ from slm_ros.models import resolve_model
 from slm_ros.msg import EngineStatus
 from slm_ros.ros import diagnostics, qos
 from slm_ros.ros.params import ParamSpec, declare_all, values
+from slm_ros.ros.spinning import spin_until_shutdown
 
 PARAMETERS = (
     ParamSpec("model", "default",
@@ -307,7 +308,7 @@ def main(args=None) -> int:
     executor.add_node(node)
     try:
         node.start_build_on_start()
-        executor.spin()
+        spin_until_shutdown(executor)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:

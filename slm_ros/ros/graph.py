@@ -114,6 +114,7 @@ def run_graph(plans: List[NodePlan]) -> int:
 
     from slm_ros.core.errors import SlmError
     from slm_ros.nodes.engine_builder_node import EngineBuilderNode
+    from slm_ros.ros.spinning import spin_until_shutdown
 
     rclpy.init(args=[sys.argv[0]])
     nodes = []
@@ -137,7 +138,7 @@ def run_graph(plans: List[NodePlan]) -> int:
                                 name="slm-up-bring-up")
     try:
         bring_up.start()
-        executor.spin()
+        spin_until_shutdown(executor)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:

@@ -12,11 +12,7 @@ from __future__ import annotations
 
 from lifecycle_msgs.msg import Transition
 
-try:   # the exception rclpy raises for rcl errors (module path differs between distros)
-    from rclpy.impl.implementation_singleton import rclpy_implementation as _rclpy
-    _RCLError = _rclpy.RCLError
-except (ImportError, AttributeError):  # pragma: no cover - every supported distro has it
-    _RCLError = RuntimeError
+from slm_ros.ros.spinning import RCLError as _RCLError
 
 #: Transition ids by name, for log lines (lifecycle_msgs/Transition constants).
 _NAMES = {getattr(Transition, n): n[len("TRANSITION_"):].lower() for n in dir(Transition)

@@ -34,6 +34,7 @@ from slm_ros.ros.conversions import chunk_to_msg
 from slm_ros.ros.lifecycle_guard import guard_change_state
 from slm_ros.ros.outcome import finish_goal
 from slm_ros.ros.params import ParamSpec, declare_all, values
+from slm_ros.ros.spinning import spin_until_shutdown
 
 _D = SamplingParams()
 _R = RemoteConfig()
@@ -615,8 +616,8 @@ def run(node_cls: Type[ModelNode], args=None, extra_threads: int = 4) -> int:
     try:
         if node.autostart:
             node.bring_up()
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
+        spin_until_shutdown(executor)
+    except (KeyboardInterrupt, ExternalShutdownException):   # during bring-up
         pass
     finally:
         node._release()
