@@ -147,10 +147,26 @@ def test_float32_ir_generates_what_transformers_generates(kind, tmp_path, tiny_m
         for messages in (FRANCE, [{"role": "user", "content": "Which way is the dock?"}]):
             prompt, tokens = _generate(converted, messages, params)
             assert prompt == reference.apply_chat_template(messages)
-            assert tokens == list(reference.generate(prompt, params, threading.Event()))
+            expected = list(reference.generate(prompt, params, threading.Event()))
+            if tokens != expected:
+                _assert_divergence_is_a_tie(reference, prompt, tokens, expected)
     finally:
         converted.close()
         reference.close()
+
+
+def _assert_divergence_is_a_tie(reference, prompt, tokens, expected):
+    """Two float32 implementations may pick differently only where the reference's two candidates
+    score the same to within rounding (other CPUs' kernels round differently): check that the first
+    differing step is such a near-tie, anything else is a conversion error."""
+    import torch
+    step = next(i for i, (a, b) in enumerate(zip(tokens, expected)) if a != b) \
+        if any(a != b for a, b in zip(tokens, expected)) else min(len(tokens), len(expected))
+    assert step < min(len(tokens), len(expected)), (tokens, expected)   # not just a length cut
+    with torch.no_grad():
+        logits = reference._model(torch.tensor([list(prompt) + expected[:step]])).logits[0, -1]
+    gap = abs(float(logits[expected[step]] - logits[tokens[step]]))
+    assert gap < 1e-3 * max(1.0, float(logits.abs().max())), (step, gap, tokens, expected)
 
 
 def test_bad_checkpoints_fail_naming_the_problem_and_publish_nothing(tmp_path, default_model_dir):
