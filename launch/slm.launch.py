@@ -39,7 +39,7 @@ def generate_launch_description():
             description="Namespace of every node, topic and action."),
         DeclareLaunchArgument(
             "profile", default_value="",
-            description="Board profile: cpu, x86-cuda, orin-nano-8gb, orin-nx-16gb, "
+            description="Board profile: cpu, x86-cuda, x86-intel, orin-nano-8gb, orin-nx-16gb, "
                         "agx-orin-64gb, remote (generation on an OpenAI-compatible server) "
                         "(config/profiles/) or a YAML path; empty = the nodes' defaults "
                         "(backend auto, device auto, embedded model)."),

@@ -70,7 +70,7 @@ def generate_launch_description():
             description="Namespace of the node, its topics and actions."),
         DeclareLaunchArgument(
             "profile", default_value="",
-            description="Board profile: cpu, x86-cuda, orin-nano-8gb, orin-nx-16gb, "
+            description="Board profile: cpu, x86-cuda, x86-intel, orin-nano-8gb, orin-nx-16gb, "
                         "agx-orin-64gb, remote (generation on a server) "
                         "(config/profiles/<profile>.yaml) or a YAML path; empty = the node's own "
                         "defaults."),

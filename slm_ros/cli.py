@@ -509,8 +509,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = sub.add_parser("up", help="run the node graph (LLM; builder, vision) in the foreground")
     p.add_argument("--namespace", default=DEFAULT_NAMESPACE)
     p.add_argument("--profile", default="",
-                   help="board profile: cpu, x86-cuda, orin-nano-8gb, orin-nx-16gb, agx-orin-64gb, "
-                        "remote (generation on an OpenAI-compatible server) (config/profiles/) or "
+                   help="board profile: cpu, x86-cuda, x86-intel, orin-nano-8gb, orin-nx-16gb, "
+                        "agx-orin-64gb, remote (generation on an OpenAI-compatible server) "
+                        "(config/profiles/) or "
                         "a YAML file; empty = the nodes' defaults")
     p.add_argument("--model", default="",
                    help="a model card of config/models/ (e.g. tinyllama-1.1b-chat), 'default' "
@@ -518,7 +519,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "remote: the served model's name); empty = the profile's default model, "
                         "else 'default'")
     p.add_argument("--backend", default="",
-                   help="backend override (auto, transformers, llama_cpp, tensorrt_llm, openai)")
+                   help="backend override (auto, transformers, llama_cpp, tensorrt_llm, "
+                        "onnxruntime_genai, openvino, openai)")
     p.add_argument("--device", default="", help="device override (cpu, cuda, cuda:N)")
     p.add_argument("--params-file", default="",
                    help="ROS parameters YAML applied last (sections /**/llm, /**/vision, "

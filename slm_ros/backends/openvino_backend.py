@@ -31,7 +31,7 @@ import queue
 import random
 import threading
 from pathlib import Path
-from typing import FrozenSet, Iterator, List, Optional, Sequence
+from typing import FrozenSet, Iterator, List, Optional, Sequence, Tuple
 
 try:
     import numpy as np
@@ -123,8 +123,9 @@ class OpenVinoBackend(HfTokenizerMixin, Backend):
         if config.threads > 0 and device == "CPU":
             properties["INFERENCE_NUM_THREADS"] = int(config.threads)
         try:
-            from transformers import AutoTokenizer
-            tokenizer = AutoTokenizer.from_pretrained(str(path))
+            # The generic fast tokenizer over tokenizer.json: AutoTokenizer would import torch too.
+            from transformers import PreTrainedTokenizerFast
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path))
             pipe = ov_genai.LLMPipeline(str(path), device, **properties)
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             raise ModelLoadError(f"openvino_genai {ov_genai.__version__} could not load {path} on "
@@ -140,7 +141,7 @@ class OpenVinoBackend(HfTokenizerMixin, Backend):
         eos.update(int(t) for t in generation.stop_token_ids)
         if not eos:
             raise ModelLoadError(f"{path} defines no end-of-sequence token")
-        trained = _trained_context(path)
+        trained, parameters = _model_facts(path)
         limit = trained or DEFAULT_MAX_CONTEXT
         if config.max_context_tokens > 0:
             limit = min(limit, config.max_context_tokens)
@@ -148,7 +149,7 @@ class OpenVinoBackend(HfTokenizerMixin, Backend):
         self._context, self._eos = limit, frozenset(eos)
         self._info = {
             "backend": self.name, "model": str(path), "device": device,
-            "context_length": limit, "trained_context_length": trained,
+            "context_length": limit, "trained_context_length": trained, "parameters": parameters,
             "weights": _weight_format(path), "dtype": (config.dtype or "auto").strip().lower(),
             "chat_template": has_template,
             "openvino": ov.get_version(), "openvino_genai": ov_genai.__version__,
@@ -265,13 +266,20 @@ def _available_devices() -> List[str]:
         return []
 
 
-def _trained_context(path: Path) -> int:
+def _model_facts(path: Path) -> Tuple[int, int]:
+    """(trained context length, parameter count) from the config.json beside the IR; 0 where it
+    does not say (the count is the memory planner's, from the architecture)."""
     import json
     try:
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-        return int(config.get("max_position_embeddings") or 0)
+        trained = int(config.get("max_position_embeddings") or 0)
     except (OSError, ValueError, TypeError, AttributeError):
-        return 0
+        return 0, 0
+    try:
+        from slm_ros.build.planner import ModelArch
+        return trained, ModelArch.from_config(config).parameters
+    except Exception:  # noqa: BLE001 - a config the planner cannot read: the count is unknown
+        return trained, 0
 
 
 def _weight_format(path: Path) -> str:
