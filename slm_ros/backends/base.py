@@ -181,6 +181,17 @@ class Backend(BackendBase):
         produced, is yielded last.
         """
 
+    def _generation_room(self, prompt_len: int) -> int:
+        """Tokens the context leaves to generate after a prompt of ``prompt_len`` tokens;
+        RequestError for an empty prompt or one that leaves no room."""
+        if prompt_len < 1:
+            raise RequestError("empty prompt: no token ids to generate from")
+        room = self._context - prompt_len
+        if room < 1:
+            raise RequestError(f"prompt of {prompt_len} tokens does not fit the context of "
+                               f"{self._context} tokens")
+        return room
+
     def grammar_tokenizer(self):
         """The llguidance tokenizer over this model's vocabulary, and the size of the logits
         vector, for constrained output; backends that cannot constrain decoding raise

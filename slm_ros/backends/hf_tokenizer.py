@@ -197,15 +197,42 @@ def hf_encode_literal(tokenizer, text: str) -> List[int]:
     return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
 
 
+def hf_grammar_tokenizer(tokenizer, eos, vocab: int):
+    """(llguidance tokenizer, logits size) for a transformers fast tokenizer whose model has
+    ``vocab`` logits, for constrained output (~1 s for a 49k vocabulary: callers build it once and
+    keep it); RequestError when the grammar engine cannot read the tokenizer."""
+    import llguidance.hf
+    try:
+        return llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab,
+                                            eos_token=sorted(eos)), vocab
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise RequestError(f"response_format: the grammar engine cannot use this model's "
+                           f"tokenizer ({type(tokenizer).__name__}): {exc}") from None
+
+
 class HfTokenizerMixin:
     """Backend methods over ``self._tokenizer`` (a transformers tokenizer with a chat template).
 
     ``_text_model_name()`` names the loaded model in the error for images sent to a text model.
     Control-token strings in message text stay literal (:class:`LiteralControlTokens`).
+    Constrained output builds the grammar engine's tokenizer once per loaded model (backends reset
+    ``_grammar_tokenizer`` when they close) over ``_logits_size()`` logits.
     """
 
     _tokenizer = None
     _literal_controls: Optional[Tuple[Any, LiteralControlTokens]] = None
+    _grammar_tokenizer = None
+
+    def _logits_size(self) -> int:
+        """Size of the model's logits vector: its ``_vocab`` when the backend knows it (padded
+        vocabularies are larger than the tokenizer), else the tokenizer's size."""
+        return getattr(self, "_vocab", 0) or len(self._tokenizer)
+
+    def grammar_tokenizer(self):
+        if self._grammar_tokenizer is None:
+            self._grammar_tokenizer = hf_grammar_tokenizer(self._tokenizer, self._eos,
+                                                           self._logits_size())
+        return self._grammar_tokenizer
 
     def _text_model_name(self) -> str:
         return f"model {self._info.get('model', '?')}"

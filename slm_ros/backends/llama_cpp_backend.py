@@ -296,13 +296,7 @@ class LlamaCppBackend(Backend):
                  cancel: threading.Event) -> Iterator[int]:
         llama = self._require()
         ids = [int(t) for t in prompt_ids]
-        if not ids:
-            raise RequestError("empty prompt: no token ids to generate from")
-        room = self._context - len(ids)
-        if room < 1:
-            raise RequestError(f"prompt of {len(ids)} tokens does not fit the context of "
-                               f"{self._context} tokens")
-        limit = min(params.max_new_tokens, room)
+        limit = min(params.max_new_tokens, self._generation_room(len(ids)))
         # llama.cpp seeds are 32-bit; LLAMA_DEFAULT_SEED (0xFFFFFFFF) asks for a random one.
         llama.set_seed(params.seed % 0xFFFFFFFF if params.seed else llama_cpp.LLAMA_DEFAULT_SEED)
         if params.greedy:

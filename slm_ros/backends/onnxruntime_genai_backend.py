@@ -245,13 +245,7 @@ class OnnxRuntimeGenAiBackend(HfTokenizerMixin, Backend):
                  cancel: threading.Event) -> Iterator[int]:
         model = self._require()
         ids = np.asarray([int(t) for t in prompt_ids], dtype=np.int32)
-        if ids.size == 0:
-            raise RequestError("empty prompt: no token ids to generate from")
-        room = self._context - int(ids.size)
-        if room < 1:
-            raise RequestError(f"prompt of {ids.size} tokens does not fit the context of "
-                               f"{self._context} tokens")
-        limit = min(params.max_new_tokens, room)
+        limit = min(params.max_new_tokens, self._generation_room(int(ids.size)))
         try:
             search = og.GeneratorParams(model)
             search.set_search_options(**self._search_options(params, int(ids.size) + limit))
@@ -284,19 +278,6 @@ class OnnxRuntimeGenAiBackend(HfTokenizerMixin, Backend):
                     return
         finally:
             del generator   # frees its KV cache now, not when the caller drops the iterator
-
-    def grammar_tokenizer(self):
-        if self._grammar_tokenizer is None:
-            import llguidance.hf
-            self._require()
-            try:
-                tokenizer = llguidance.hf.from_tokenizer(self._tokenizer, n_vocab=self._vocab,
-                                                         eos_token=sorted(self._eos))
-            except (ValueError, TypeError, AttributeError) as exc:
-                raise RequestError(f"response_format: the grammar engine cannot use this model's "
-                                   f"tokenizer ({type(self._tokenizer).__name__}): {exc}") from None
-            self._grammar_tokenizer = (tokenizer, self._vocab)
-        return self._grammar_tokenizer
 
     def describe(self) -> dict:
         return dict(self._info)

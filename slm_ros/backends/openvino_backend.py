@@ -164,12 +164,7 @@ class OpenVinoBackend(HfTokenizerMixin, Backend):
                  cancel: threading.Event) -> Iterator[int]:
         pipe = self._require()
         ids = [int(t) for t in prompt_ids]
-        if not ids:
-            raise RequestError("empty prompt: no token ids to generate from")
-        room = self._context - len(ids)
-        if room < 1:
-            raise RequestError(f"prompt of {len(ids)} tokens does not fit the context of "
-                               f"{self._context} tokens")
+        room = self._generation_room(len(ids))
         if params.constraint is not None:
             self.grammar_tokenizer()  # raises: see the module docstring
         return self._stream(pipe, ids, self._config(params, min(params.max_new_tokens, room)),

@@ -205,13 +205,6 @@ class TensorRtLlmBackend(HfTokenizerMixin, Backend):
         if self._last_finish is FinishReason.ERROR:
             raise RequestError("TensorRT-LLM ended the request with an error (timeout)")
 
-    def grammar_tokenizer(self):
-        if self._grammar_tokenizer is None:
-            from slm_ros.backends.transformers_backend import hf_grammar_tokenizer
-            self._grammar_tokenizer = hf_grammar_tokenizer(None, self._tokenizer, self._eos,
-                                                           vocab=self._vocab)
-        return self._grammar_tokenizer
-
     def describe(self) -> dict:
         return dict(self._info)
 

@@ -31,7 +31,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from slm_ros.backends.base import Backend, BackendConfig
 from slm_ros.backends.hf_tokenizer import HfTokenizerMixin
-from slm_ros.core.errors import ConfigError, ModelLoadError, RequestError
+from slm_ros.core.errors import ConfigError, ModelLoadError
 from slm_ros.core.streaming import iterate_in_thread
 from slm_ros.core.types import SamplingParams
 
@@ -238,20 +238,10 @@ class ConversationCache:
         self._cache, self._ids, self._prompt_len = None, [], 0
 
 
-def hf_grammar_tokenizer(model, tokenizer, eos: FrozenSet[int], vocab: int = 0):
-    """(llguidance tokenizer, logits size) for a transformers model (or None and ``vocab``, the
-    logits size) and its fast tokenizer, for constrained output (~1 s for a 49k vocabulary:
-    callers build it once and keep it)."""
-    import llguidance.hf
-    if not vocab:
-        head = model.get_output_embeddings() if model is not None else None
-        vocab = int(head.weight.shape[0]) if head is not None else len(tokenizer)
-    try:
-        return llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab,
-                                            eos_token=sorted(eos)), vocab
-    except (ValueError, TypeError, AttributeError) as exc:
-        raise RequestError(f"response_format: the grammar engine cannot use this model's "
-                           f"tokenizer ({type(tokenizer).__name__}): {exc}") from None
+def logits_size(model, tokenizer) -> int:
+    """Rows of a transformers model's output layer (its logits size), else the tokenizer's size."""
+    head = model.get_output_embeddings()
+    return int(head.weight.shape[0]) if head is not None else len(tokenizer)
 
 
 def stream_generate(model, input_ids: "torch.Tensor", params: SamplingParams, eos: FrozenSet[int],
@@ -377,10 +367,8 @@ class TransformersBackend(HfTokenizerMixin, Backend):
         return stream_generate(model, input_ids, params, self._eos, cancel,
                                name="slm-transformers-generate", conversation=self._conversation)
 
-    def grammar_tokenizer(self):
-        if self._grammar_tokenizer is None:
-            self._grammar_tokenizer = hf_grammar_tokenizer(self._model, self._tokenizer, self._eos)
-        return self._grammar_tokenizer
+    def _logits_size(self) -> int:
+        return logits_size(self._model, self._tokenizer)
 
     def describe(self) -> dict:
         return dict(self._info)

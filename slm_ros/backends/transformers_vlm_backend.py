@@ -34,9 +34,14 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 from slm_ros.backends.base import Backend, BackendConfig, Prompt
-from slm_ros.backends.hf_tokenizer import LiteralControlTokens, hf_control_tokens, hf_encode_literal
-from slm_ros.backends.transformers_backend import (
+from slm_ros.backends.hf_tokenizer import (
+    LiteralControlTokens,
+    hf_control_tokens,
+    hf_encode_literal,
     hf_grammar_tokenizer,
+)
+from slm_ros.backends.transformers_backend import (
+    logits_size,
     resolve_device,
     resolve_dtype,
     stream_generate,
@@ -313,7 +318,8 @@ class TransformersVlmBackend(Backend):
 
     def grammar_tokenizer(self):
         if self._grammar_tokenizer is None:
-            self._grammar_tokenizer = hf_grammar_tokenizer(self._model, self._tokenizer, self._eos)
+            self._grammar_tokenizer = hf_grammar_tokenizer(
+                self._tokenizer, self._eos, logits_size(self._model, self._tokenizer))
         return self._grammar_tokenizer
 
     def _to_device(self, value: Any) -> Any:
