@@ -97,18 +97,26 @@ def inspect_checkpoint(model: str) -> Checkpoint:
     if not config_path.is_file():
         raise BuildError(f"model directory {str(path)!r} has no config.json: not a Hugging Face "
                          f"checkpoint")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise BuildError(f"cannot read {config_path}: {exc}") from exc
-    if not isinstance(config, dict):
-        raise BuildError(f"{config_path} is not a JSON object")
+    config = read_hf_config(path)
     if not config.get("model_type"):
         raise BuildError(f"{config_path} has no model_type field: cannot tell the architecture")
     for weights in _weight_files(path):
         if weights.suffix == ".safetensors":
             check_safetensors(weights)
     return Checkpoint(path, "hf", config)
+
+
+def read_hf_config(directory: Path) -> Dict[str, Any]:
+    """A checkpoint's ``config.json`` as a dict; BuildError naming the file when it cannot be read
+    or is not a JSON object."""
+    config_path = directory / "config.json"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise BuildError(f"cannot read {config_path}: {exc}") from exc
+    if not isinstance(config, dict):
+        raise BuildError(f"{config_path} is not a JSON object")
+    return config
 
 
 def _weight_files(directory: Path) -> List[Path]:

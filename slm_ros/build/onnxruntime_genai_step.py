@@ -47,9 +47,10 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 from slm_ros.build import device as device_facts
+from slm_ros.build.builder import read_hf_config
 from slm_ros.build.spec import BuildCancelled, BuildError, BuildSpec, ProgressFn
 
 #: Block size of the int4 / int8 weight quantization (values sharing one scale): the builder's
@@ -143,21 +144,10 @@ def supported_architectures() -> List[str]:
     return sorted(set(_ARCH_PATTERN.findall(text)) - set(_NOT_TEXT))
 
 
-def _read_config(path: Path) -> Dict[str, Any]:
-    config_path = path / "config.json"
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise BuildError(f"cannot read {config_path}: {exc}") from exc
-    if not isinstance(config, dict):
-        raise BuildError(f"{config_path} is not a JSON object")
-    return config
-
-
 def check_architecture(path: Path) -> Dict[str, Any]:
     """Refuse a checkpoint whose model_type transformers does not know or whose architecture the
     model builder cannot export; returns config.json."""
-    config = _read_config(path)
+    config = read_hf_config(path)
     config_path = path / "config.json"
     model_type = config.get("model_type")
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES

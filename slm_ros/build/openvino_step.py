@@ -50,6 +50,7 @@ import openvino.opset13 as ops
 from openvino.opset6 import assign, read_value
 
 from slm_ros.build import device as device_facts
+from slm_ros.build.builder import read_hf_config
 from slm_ros.build.spec import BuildCancelled, BuildError, BuildSpec, ProgressFn
 
 QUANTIZATIONS = ("int4", "int8", "fp16", "none")
@@ -106,7 +107,7 @@ class OpenVinoStep:
             raise BuildError(f"the openvino step builds from a Hugging Face checkpoint directory "
                              f"(config.json, *.safetensors, tokenizer.json); {spec.model!r} is not "
                              f"one")
-        config = _read_config(path)
+        config = read_hf_config(path)
         model_type = config.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise BuildError(f"{path / 'config.json'}: model_type {model_type!r} is not supported "
@@ -147,7 +148,7 @@ class OpenVinoStep:
               cancel: threading.Event) -> Dict[str, Any]:
         source = Path(spec.model)
         quantization = normalize(spec.quantization)
-        config = _read_config(source)
+        config = read_hf_config(source)
 
         def check(where: str) -> None:
             if cancel.is_set():
@@ -187,16 +188,6 @@ class OpenVinoStep:
 
 
 # --------------------------------------------------------------------------- checkpoint reading
-
-def _read_config(path: Path) -> Dict[str, Any]:
-    try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise BuildError(f"cannot read {path / 'config.json'}: {exc}") from exc
-    if not isinstance(config, dict):
-        raise BuildError(f"{path / 'config.json'} is not a JSON object")
-    return config
-
 
 class _Weights:
     """Tensors of the safetensors files of a checkpoint as float32 numpy arrays, read on demand."""
