@@ -155,6 +155,21 @@ class _Job:
         self.finish(finish_reason=FinishReason.ERROR, error=message, stats=stats or Stats())
 
 
+def _formatted(request: Request) -> bool:
+    """The request constrains its output with a response format."""
+    return request.response_format is not None and request.response_format.constrained
+
+
+def _tool_plan(request: Request, syntax: str = "generic"):
+    """The request's :class:`~slm_ros.core.constraints.ToolPlan` (None: no tools apply);
+    RequestError for bad tools, or tools together with a response format."""
+    tools = plan_tools(request.tools, request.tool_choice, syntax)
+    if tools is not None and _formatted(request):
+        raise RequestError("response_format and tools cannot be combined (set tool_choice none to "
+                           "use the response format)")
+    return tools
+
+
 class Engine:
     """Serialises generation on one backend; see the module docstring for the guarantees."""
 
@@ -366,12 +381,7 @@ class Engine:
             self._sessions.reset(request.session)
         system = request.system_prompt or self._config.system_prompt
         try:
-            tools = plan_tools(request.tools, request.tool_choice,
-                               backend.tool_syntax() if request.tools else "generic")
-            formatted = request.response_format is not None and request.response_format.constrained
-            if tools is not None and formatted:
-                raise RequestError("response_format and tools cannot be combined (set tool_choice "
-                                   "none to use the response format)")
+            tools = _tool_plan(request, backend.tool_syntax() if request.tools else "generic")
             template = functools.partial(backend.apply_chat_template, images=self._images(request))
             if tools is not None and tools.template_tools:   # the chat template renders them
                 template = functools.partial(template, tools=tools.template_tools)
@@ -383,7 +393,7 @@ class Engine:
             constraint = None
             if tools is not None:
                 constraint = backend.token_constraint(tools.constraint)
-            elif formatted:
+            elif _formatted(request):
                 constraint = backend.token_constraint(compile_format(request.response_format))
         except RequestError as exc:
             self._refuse_started(job, exc, t_start)
@@ -444,9 +454,7 @@ class Engine:
                 except RequestError as exc:
                     problem = str(exc)
             if problem:
-                self.counters.failed += 1
-                self._log.warning(f"request {request.request_id}: {problem}")
-                job.finish(tail, finish_reason=FinishReason.ERROR, error=problem, stats=stats)
+                self._fail_output(job, tail, problem, stats)
                 return
         self._succeed(job, pieces, tail, finish, stats, calls)
 
@@ -463,12 +471,8 @@ class Engine:
         constraint = None
         try:
             # Tools go to the server (its chat template renders them); its calls are validated here.
-            tools = plan_tools(request.tools, request.tool_choice)
-            if tools is not None and request.response_format is not None \
-                    and request.response_format.constrained:
-                raise RequestError("response_format and tools cannot be combined (set tool_choice "
-                                   "none to use the response format)")
-            if request.response_format is not None and request.response_format.constrained:
+            tools = _tool_plan(request)
+            if _formatted(request):
                 # The server constrains (where its API can say it); the result is validated here.
                 constraint = compile_format(request.response_format)
                 params = dataclasses.replace(params, constraint=constraint)
@@ -522,10 +526,8 @@ class Engine:
             if problem and finish is FinishReason.LENGTH:
                 problem = constraint.problem(text, complete=False, cut=True)
             if problem:
-                problem = f"the server's output failed validation on the robot: {problem}"
-                self.counters.failed += 1
-                self._log.warning(f"request {request.request_id}: {problem}")
-                job.finish(tail, finish_reason=FinishReason.ERROR, error=problem, stats=stats)
+                self._fail_output(job, tail, f"the server's output failed validation on the "
+                                             f"robot: {problem}", stats)
                 return
         calls = ()
         if tools is not None:
@@ -533,10 +535,8 @@ class Engine:
                 calls = tools.server_calls(stream.tool_calls, request.request_id,
                                            request.tool_choice.strip())
             except RequestError as exc:
-                problem = f"the server's tool call failed validation on the robot: {exc}"
-                self.counters.failed += 1
-                self._log.warning(f"request {request.request_id}: {problem}")
-                job.finish(tail, finish_reason=FinishReason.ERROR, error=problem, stats=stats)
+                self._fail_output(job, tail, f"the server's tool call failed validation on the "
+                                             f"robot: {exc}", stats)
                 return
         self._succeed(job, pieces, tail, finish, stats, calls)
 
@@ -547,6 +547,13 @@ class Engine:
         if request.image is None:
             return ()
         return (request.image() if callable(request.image) else request.image,)
+
+    def _fail_output(self, job: _Job, tail: str, problem: str, stats: Stats) -> None:
+        """A generated output that is not a valid result (constraint, tool call): the final chunk
+        is an error naming ``problem``, the text streamed so far kept."""
+        self.counters.failed += 1
+        self._log.warning(f"request {job.request.request_id}: {problem}")
+        job.finish(tail, finish_reason=FinishReason.ERROR, error=problem, stats=stats)
 
     def _refuse_started(self, job: _Job, exc: RequestError, t_start: float) -> None:
         """A dequeued request that cannot run (prompt too long, no usable image)."""
