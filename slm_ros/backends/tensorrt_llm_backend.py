@@ -245,6 +245,7 @@ class _ConstraintFeed:
         self._constraint, self._prompt, self._eos = constraint, prompt, eos
         self._fed = 0
         self._lock = threading.Lock()
+        self._offset: Optional[int] = None   # where the generated tokens start in ``ids``
 
     def sync(self, generated: Sequence[int]) -> bool:
         """Feed the tokens of ``generated`` not fed yet; False once the grammar refused one."""
@@ -259,9 +260,9 @@ class _ConstraintFeed:
     def allowed_after(self, ids: Sequence[int]):
         """The allowed-token mask after ``ids`` (the request's tokens, with or without its prompt:
         the 0.12 binding's ``ids`` is not documented either way)."""
-        n = len(self._prompt)
-        if len(ids) >= n and tuple(ids[:n]) == self._prompt:
-            ids = ids[n:]
-        self.sync(ids)
+        if self._offset is None:   # decided at the first step (ids = the prompt, or nothing)
+            n = len(self._prompt)
+            self._offset = n if len(ids) >= n and tuple(ids[:n]) == self._prompt else 0
+        self.sync(ids[self._offset:])
         with self._lock:
             return self._constraint.allowed()
